@@ -1,0 +1,218 @@
+"""The checkpoint format shared by the converter and the trainer.
+
+A checkpoint is a directory:
+  meta.json      format version, ModelConfig, step, source run's step, data position, provenance
+  params/        orbax (StandardCheckpointer) of the flat {dotted name: array} params dict
+  opt_state/     optional, orbax of the optimizer state flattened to {key path: array}
+
+It is written into a temporary sibling directory and renamed into place only when complete, so an
+interrupted save never leaves something that looks like a checkpoint. Restores are strict: every
+stored name and shape is compared with what the model (or the optimizer state) expects before any
+array is read, and a missing or unexpected name or a shape mismatch raises naming it (orbax would
+otherwise happily do a partial restore, orbax#2972).
+
+A training workdir keeps its checkpoints as WORKDIR/checkpoints/<step>/ in this same format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from gqa_uptrain.model import ModelConfig, abstract_params, check_params_match
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, or does not match what it is restored into."""
+
+
+@dataclasses.dataclass
+class Meta:
+    """What a checkpoint says about itself (stored as meta.json)."""
+
+    model_config: ModelConfig
+    step: int = 0
+    # Steps of the run this one started from (the MHA pretraining run, for an uptrained model);
+    # uptraining for alpha x source_step reads it.
+    source_step: int | None = None
+    data_position: dict[str, Any] | None = None
+    # e.g. {'converted_from': path, 'method': 'mean', 'seed': 0, 'num_kv_heads_before': 8}.
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["model_config"] = self.model_config.to_dict()
+        return json.dumps(d, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Meta":
+        d = json.loads(text)
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"checkpoint format_version={version}; this code reads "
+                                  f"{FORMAT_VERSION}")
+        d["model_config"] = ModelConfig.from_dict(d["model_config"])
+        return cls(**d)
+
+
+def is_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, META_FILE)) and os.path.isdir(
+        os.path.join(path, "params"))
+
+
+def read_meta(path: str) -> Meta:
+    if not is_checkpoint(path):
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no {META_FILE} + params/)")
+    with open(os.path.join(path, META_FILE)) as f:
+        return Meta.from_json(f.read())
+
+
+def flatten_tree(tree: Any) -> dict[str, Any]:
+    """{jax key path string: leaf} for any pytree (used for the optimizer state)."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}
+
+
+def _unflatten_like(target: Any, flat: dict[str, Any]) -> Any:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+    return jax.tree_util.tree_unflatten(treedef,
+                                        [flat[jax.tree_util.keystr(p)] for p, _ in leaves])
+
+
+def save(path: str, params: dict[str, Any], meta: Meta, opt_state: Any = None, *,
+         overwrite: bool = False) -> None:
+    """Writes a complete checkpoint at `path` (atomically: temp sibling, then rename)."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise CheckpointError(f"{path} already exists")
+    check_params_match(abstract_params(meta.model_config), params, what="params to save")
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    # A fixed temporary name (not mkdtemp): a save killed mid-write leaves this behind, and the
+    # next save to the same path clears it. It never looks like a checkpoint (see list_steps).
+    tmp = os.path.join(parent, f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        # orbax refuses to write into an existing directory: give it fresh subpaths.
+        ckptr.save(os.path.join(tmp, "params"), params)
+        if opt_state is not None:
+            ckptr.save(os.path.join(tmp, "opt_state"), flatten_tree(opt_state))
+        ckptr.wait_until_finished()
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            f.write(meta.to_json())
+        if os.path.exists(path):
+            # Move the old one aside first so that `path` is, at every moment, absent or complete.
+            old = os.path.join(parent, f".{name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _stored_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], Any]]:
+    tree = ocp.StandardCheckpointer().metadata(directory).item_metadata.tree
+    return {name: (tuple(m.shape), m.dtype) for name, m in tree.items()}
+
+
+def _restore_flat(directory: str, expected: dict[str, Any], what: str,
+                  shardings: dict[str, Any] | None) -> dict[str, Any]:
+    stored = _stored_shapes(directory)
+    try:
+        check_params_match(expected, {k: np.empty(s, dtype=bool) for k, (s, _) in stored.items()},
+                           what=f"{what} in {directory}")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    target = {}
+    for name, (shape, dtype) in stored.items():
+        sharding = (shardings or {}).get(name) or jax.sharding.SingleDeviceSharding(
+            jax.devices()[0])
+        target[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    return ocp.StandardCheckpointer().restore(directory, target)
+
+
+def restore(path: str, *, expected_config: ModelConfig | None = None,
+            opt_state_target: Any = None, param_shardings: dict[str, Any] | None = None):
+    """Restores (params, meta, opt_state) from a checkpoint, strictly.
+
+    expected_config: if given, must equal the stored ModelConfig (else CheckpointError naming the
+      differing fields). opt_state_target: a pytree (arrays or ShapeDtypeStructs) giving the
+      optimizer state's structure; when None the optimizer state is not read and None is returned.
+    param_shardings: optional {name: jax.sharding.Sharding} to place params directly.
+    """
+    meta = read_meta(path)
+    if expected_config is not None and expected_config != meta.model_config:
+        a, b = expected_config.to_dict(), meta.model_config.to_dict()
+        diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+        raise CheckpointError(f"{path}: model config differs from the expected one "
+                              f"(field: (expected, stored)) {diff}")
+    params = _restore_flat(os.path.join(path, "params"), abstract_params(meta.model_config),
+                           "params", param_shardings)
+    opt_state = None
+    if opt_state_target is not None:
+        opt_dir = os.path.join(path, "opt_state")
+        if not os.path.isdir(opt_dir):
+            raise CheckpointError(f"{path} holds no optimizer state")
+        flat_target = flatten_tree(opt_state_target)
+        shardings = {k: getattr(v, "sharding", None) for k, v in flat_target.items()}
+        flat = _restore_flat(opt_dir, flat_target, "optimizer state", shardings)
+        opt_state = _unflatten_like(opt_state_target, flat)
+    return params, meta, opt_state
+
+
+# ----------------------------------------------------------------------------- training workdirs
+
+
+def step_dir(workdir: str, step: int) -> str:
+    return os.path.join(workdir, CHECKPOINTS_DIR, str(step))
+
+
+def list_steps(workdir: str) -> list[int]:
+    """Steps with a complete checkpoint in workdir, ascending (temporary dirs are not listed)."""
+    root = os.path.join(workdir, CHECKPOINTS_DIR)
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(n) for n in os.listdir(root)
+                  if n.isdigit() and is_checkpoint(os.path.join(root, n)))
+
+
+def latest_checkpoint(workdir: str) -> str | None:
+    steps = list_steps(workdir)
+    return step_dir(workdir, steps[-1]) if steps else None
+
+
+def resolve(path: str) -> str:
+    """A checkpoint directory, or a workdir (-> its latest complete checkpoint)."""
+    if is_checkpoint(path):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"{path} is neither a checkpoint nor a workdir with checkpoints")
+    return latest
+
+
+def save_step(workdir: str, params, meta: Meta, opt_state=None, keep: int | None = None) -> str:
+    """Saves WORKDIR/checkpoints/<meta.step>, then deletes all but the newest `keep`."""
+    path = step_dir(workdir, meta.step)
+    save(path, params, meta, opt_state, overwrite=True)
+    if keep is not None:
+        for old in list_steps(workdir)[:-keep]:
+            shutil.rmtree(step_dir(workdir, old), ignore_errors=True)
+    return path

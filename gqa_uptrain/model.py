@@ -1,0 +1,447 @@
+"""A Llama-family decoder-only LM in Flax NNX with grouped-query attention.
+
+Token embedding, RMSNorm, rotary position embedding in the rotate-half layout Hugging Face Llama uses
+(so imported weights need no permutation), SwiGLU MLP, optional tied embeddings, optional q/k/v biases
+(Qwen2) and o bias (Llama's attention_bias). Projection kernels keep a head axis
+(`q_proj` [d_model, num_heads, head_dim], `k_proj` [d_model, num_kv_heads, head_dim]) so that pooling
+K/V heads is an operation on one axis.
+
+Parameters are exchanged as a flat dict {dotted name: array} (`get_params` / `set_params`); that
+dict is what checkpoints hold and what the converters map to and from Hugging Face names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gqa_uptrain import attention as attention_lib
+
+_DTYPES = ("float32", "bfloat16", "float16")
+# Rope scalings the model implements; anything else is refused by name (see hf.py).
+ROPE_SCALING_TYPES = ("linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of the decoder. Frozen and hashable: it is static under jit.
+
+    rope_scaling is None or a sorted tuple of (key, value) pairs, e.g.
+    (('factor', 8.0), ('rope_type', 'llama3'), ...), kept hashable for the same reason.
+    """
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_dim: int
+    head_dim: int | None = None  # None -> d_model // num_heads
+    rope_theta: float = 10000.0
+    rope_scaling: tuple | None = None
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "mlp_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        attention_lib.q_per_kv(self.num_heads, self.num_kv_heads)
+        if self.head_dim is None:
+            if self.d_model % self.num_heads:
+                raise ValueError(f"d_model={self.d_model} is not divisible by "
+                                 f"num_heads={self.num_heads}; set head_dim explicitly")
+            object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {_DTYPES}")
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        if self.rope_scaling is not None:
+            kind = dict(self.rope_scaling).get("rope_type")
+            if kind not in ROPE_SCALING_TYPES:
+                raise ValueError(f"rope_scaling type {kind!r} is not supported "
+                                 f"(supported: {ROPE_SCALING_TYPES})")
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = dict(self.rope_scaling)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+def kv_cache_bytes_per_token(config: ModelConfig, dtype: Any = None) -> int:
+    """Bytes of K and V cache one token costs across all layers: 2 · layers · kv_heads · head_dim · bytes."""
+    itemsize = jnp.dtype(dtype or config.dtype).itemsize
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
+
+
+# ----------------------------------------------------------------------------- rotary embedding
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2], float64 then float32, as Hugging Face computes them."""
+    head_dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if config.rope_scaling is None:
+        return inv_freq.astype(np.float32)
+    scaling = dict(config.rope_scaling)
+    if scaling["rope_type"] == "linear":
+        return (inv_freq / scaling["factor"]).astype(np.float32)
+    # 'llama3': long wavelengths are slowed by `factor`, short ones kept, a smooth ramp between.
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half RoPE. x: [batch, seq, heads, head_dim]; positions: [batch, seq] ints."""
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [b, t, d/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [b, t, 1, d]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin
+    return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def _init(rngs: nnx.Rngs, shape, fan_in: int, dtype) -> nnx.Param:
+    return nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * (fan_in ** -0.5))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        # Normalise in float32 and cast back before the scale, as Hugging Face Llama does.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+class KVCache(NamedTuple):
+    """Decode cache holding only num_kv_heads heads.
+
+    k, v: [num_layers, batch, num_kv_heads, max_len, head_dim] — the bksd layout, measured ~8× faster
+      than [batch, max_len, kv_heads, head_dim] for MHA decode on CPU (each (b, k) slab is contiguous).
+    lengths: [batch] int32, valid entries per sequence (the next token's position).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        c = config
+        dt = jnp.dtype(c.param_dtype)
+        self.config = c
+        self.q_proj = _init(rngs, (c.d_model, c.num_heads, c.head_dim), c.d_model, dt)
+        self.k_proj = _init(rngs, (c.d_model, c.num_kv_heads, c.head_dim), c.d_model, dt)
+        self.v_proj = _init(rngs, (c.d_model, c.num_kv_heads, c.head_dim), c.d_model, dt)
+        self.o_proj = _init(rngs, (c.num_heads, c.head_dim, c.d_model), c.num_heads * c.head_dim, dt)
+        if c.qkv_bias:
+            self.q_bias = nnx.Param(jnp.zeros((c.num_heads, c.head_dim), dt))
+            self.k_bias = nnx.Param(jnp.zeros((c.num_kv_heads, c.head_dim), dt))
+            self.v_bias = nnx.Param(jnp.zeros((c.num_kv_heads, c.head_dim), dt))
+        if c.o_bias:
+            self.o_bias = nnx.Param(jnp.zeros((c.d_model,), dt))
+
+    def _project(self, x, name):
+        dt = jnp.dtype(self.config.dtype)
+        y = jnp.einsum("btd,dnh->btnh", x, getattr(self, name + "_proj")[...].astype(dt))
+        if self.config.qkv_bias:
+            y = y + getattr(self, name + "_bias")[...].astype(dt)
+        return y
+
+    def _output(self, out):
+        dt = jnp.dtype(self.config.dtype)
+        y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
+        if self.config.o_bias:
+            y = y + self.o_bias[...].astype(dt)
+        return y
+
+    def _qkv(self, x, positions, inv_freq):
+        q = apply_rope(self._project(x, "q"), positions, inv_freq)  # [b, t, n, h]
+        k = apply_rope(self._project(x, "k"), positions, inv_freq)  # [b, t, k, h]
+        v = self._project(x, "v")  # [b, t, k, h]
+        return q, k, v
+
+    def __call__(self, x, positions, inv_freq, segment_ids, implementation):
+        q, k, v = self._qkv(x, positions, inv_freq)
+        out = attention_lib.attention(q, k, v, causal=True, segment_ids=segment_ids,
+                                      implementation=implementation)
+        return self._output(out)
+
+    def decode(self, x, positions, inv_freq, cache_k, cache_v, lengths, implementation):
+        """x: [b, t, d]; cache_k/v: [b, kv_heads, max_len, head_dim]; writes t entries at `lengths`."""
+        q, k, v = self._qkv(x, positions, inv_freq)
+        cache_dtype = cache_k.dtype
+
+        def write(cache_b, new_b, start):  # [k, S, h] <- [t, k, h] at start
+            return jax.lax.dynamic_update_slice(
+                cache_b, jnp.swapaxes(new_b, 0, 1).astype(cache_dtype), (0, start, 0))
+
+        cache_k = jax.vmap(write)(cache_k, k, lengths)
+        cache_v = jax.vmap(write)(cache_v, v, lengths)
+        out = attention_lib.attention(
+            q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), causal=True, q_offset=lengths,
+            kv_lengths=lengths + x.shape[1], implementation=implementation, kv_layout="bksd")
+        return self._output(out), cache_k, cache_v
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        c = config
+        dt = jnp.dtype(c.param_dtype)
+        self.dtype = jnp.dtype(c.dtype)
+        self.gate_proj = _init(rngs, (c.d_model, c.mlp_dim), c.d_model, dt)
+        self.up_proj = _init(rngs, (c.d_model, c.mlp_dim), c.d_model, dt)
+        self.down_proj = _init(rngs, (c.mlp_dim, c.d_model), c.mlp_dim, dt)
+
+    def __call__(self, x):
+        gate = x @ self.gate_proj[...].astype(self.dtype)
+        up = x @ self.up_proj[...].astype(self.dtype)
+        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(self.dtype)
+
+
+class Block(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        dt = jnp.dtype(config.param_dtype)
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps, dt)
+        self.attn = Attention(config, rngs)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, dt)
+        self.mlp = MLP(config, rngs)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only causal LM. Construct with `Transformer(config, rngs=nnx.Rngs(seed))`."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        dt = jnp.dtype(c.param_dtype)
+        self.config = c
+        self.embed = nnx.Param(jax.random.normal(rngs.params(), (c.vocab_size, c.d_model), dt))
+        self.layers = nnx.List([Block(c, rngs) for _ in range(c.num_layers)])
+        self.final_norm = RMSNorm(c.d_model, c.norm_eps, dt)
+        if not c.tie_embeddings:
+            self.lm_head = _init(rngs, (c.d_model, c.vocab_size), c.d_model, dt)
+
+    def _embed(self, tokens):
+        return self.embed[...][tokens].astype(jnp.dtype(self.config.dtype))
+
+    def _logits(self, x):
+        x = self.final_norm(x)
+        if self.config.tie_embeddings:
+            head = self.embed[...].T
+        else:
+            head = self.lm_head[...]
+        return jnp.einsum("btd,dv->btv", x, head.astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens, *, segment_ids=None, positions=None, implementation="auto"):
+        """Training/scoring forward. tokens: [batch, seq] ints -> logits [batch, seq, vocab] float32.
+
+        segment_ids [batch, seq] keep packed documents apart; positions [batch, seq] default to
+        0..seq-1 (pass per-segment positions for packed data).
+        """
+        batch, seq = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        inv_freq = rope_inv_freq(self.config)
+        x = self._embed(tokens)
+        for block in self.layers:
+            x = x + block.attn(block.attn_norm(x), positions, inv_freq, segment_ids, implementation)
+            x = x + block.mlp(block.mlp_norm(x))
+        return self._logits(x)
+
+    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+        """Empty cache for `batch` sequences of up to `max_len` tokens (dtype defaults to compute)."""
+        c = self.config
+        shape = (c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim)
+        dt = jnp.dtype(dtype or c.dtype)
+        return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch,), jnp.int32))
+
+    def decode(self, tokens, cache: KVCache, *, num_valid=None, implementation="auto"):
+        """Prefill or step: tokens [batch, t] are written at positions cache.lengths + 0..t-1.
+
+        num_valid [batch] (default t) says how many of the t tokens are real (ragged prefill with
+        right padding); the new lengths are cache.lengths + num_valid, so padding entries are
+        overwritten by the next step. Returns (logits [batch, t, vocab] float32, new cache).
+        The caller must keep lengths + t <= max_len (dynamic_update_slice would clamp).
+        """
+        batch, seq = tokens.shape
+        positions = cache.lengths[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
+        inv_freq = rope_inv_freq(self.config)
+        x = self._embed(tokens)
+        new_k, new_v = [], []
+        for i, block in enumerate(self.layers):
+            h, ck, cv = block.attn.decode(block.attn_norm(x), positions, inv_freq, cache.k[i],
+                                          cache.v[i], cache.lengths, implementation)
+            new_k.append(ck)
+            new_v.append(cv)
+            x = x + h
+            x = x + block.mlp(block.mlp_norm(x))
+        if num_valid is None:
+            num_valid = jnp.full((batch,), seq, jnp.int32)
+        cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), cache.lengths + num_valid)
+        return self._logits(x), cache
+
+
+# ----------------------------------------------------------------------------- params as a flat dict
+
+
+def _path_name(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def get_params(model: nnx.Module) -> dict[str, jax.Array]:
+    """Flat {dotted name: array} of every nnx.Param, e.g. 'layers.0.attn.k_proj'."""
+    state = nnx.state(model, nnx.Param)
+    return {_path_name(path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def set_params(model: nnx.Module, params: dict[str, Any]) -> None:
+    """Strictly loads a flat params dict: a missing/unexpected name or a shape mismatch raises."""
+    state = nnx.state(model, nnx.Param)
+    flat = {_path_name(path): var for path, var in nnx.to_flat_state(state)}
+    check_params_match({k: v.get_value() for k, v in flat.items()}, params)
+    for name, var in flat.items():
+        var.set_value(jnp.asarray(params[name], var.get_value().dtype))
+
+
+def check_params_match(expected: dict[str, Any], got: dict[str, Any], what: str = "params") -> None:
+    """Raises ValueError naming missing or unexpected names and shape mismatches."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{what} do not match the model: missing {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+    for name in sorted(expected):
+        if tuple(np.shape(expected[name])) != tuple(np.shape(got[name])):
+            raise ValueError(f"{what}: shape mismatch for {name!r}: model expects "
+                             f"{tuple(np.shape(expected[name]))}, got {tuple(np.shape(got[name]))}")
+
+
+def abstract_params(config: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """Names, shapes and dtypes of the params of a model with this config, without allocating."""
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    return get_params(model)
+
+
+def build_model(config: ModelConfig, params: dict[str, Any] | None = None, seed: int = 0) -> Transformer:
+    """A Transformer with random params from `seed`, or with `params` loaded strictly."""
+    model = Transformer(config, rngs=nnx.Rngs(seed))
+    if params is not None:
+        set_params(model, params)
+    return model
+
+
+def count_params(params: dict[str, Any]) -> int:
+    return int(sum(np.prod(np.shape(v)) for v in params.values()))
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "implementation"),
+                   donate_argnames=("cache",))
+def _decode_jit(graphdef, state, tokens, cache, num_valid, implementation):
+    model = nnx.merge(graphdef, state)
+    return model.decode(tokens, cache, num_valid=num_valid, implementation=implementation)
+
+
+def decode_fn(model: Transformer, implementation: str = "auto"):
+    """A jitted (tokens, cache, num_valid) -> (logits, cache) closure; the cache is donated."""
+    graphdef, state = nnx.split(model)
+
+    def step(tokens, cache, num_valid=None):
+        if num_valid is None:
+            num_valid = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+        return _decode_jit(graphdef, state, tokens, cache, num_valid, implementation)
+
+    return step
+
+
+def generate(
+    model: Transformer,
+    prompt: jax.Array,
+    prompt_lengths: jax.Array,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    rng: jax.Array | None = None,
+    cache_dtype: Any = None,
+    implementation: str = "auto",
+) -> jax.Array:
+    """Greedy (temperature 0) or sampled continuation.
+
+    prompt: [batch, prompt_len] right-padded; prompt_lengths: [batch]. Returns the new tokens
+    [batch, max_new_tokens]. The cache holds prompt_len + max_new_tokens entries per sequence.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0")
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling with temperature > 0 needs rng")
+    prompt = jnp.asarray(prompt, jnp.int32)
+    prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
+    batch, prompt_len = prompt.shape
+    step = decode_fn(model, implementation)
+    cache = model.init_cache(batch, prompt_len + max_new_tokens, cache_dtype)
+    logits, cache = step(prompt, cache, prompt_lengths)
+    # The last real prompt token's logits predict the first new token.
+    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    out = []
+    for i in range(max_new_tokens):
+        if temperature == 0:
+            token = jnp.argmax(last, axis=-1)
+        else:
+            token = jax.random.categorical(jax.random.fold_in(rng, i), last / temperature)
+        out.append(token)
+        if i + 1 < max_new_tokens:
+            logits, cache = step(token[:, None].astype(jnp.int32), cache)
+            last = logits[:, 0]
+    return jnp.stack(out, axis=1)
