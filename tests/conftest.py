@@ -22,7 +22,7 @@ def _platform_available(name: str) -> bool:
 def pytest_collection_modifyitems(config, items):
     # Hardware-only tests are skipped, not failed, where the hardware is absent.
     for marker, platform in (("gpu", "gpu"), ("tpu", "tpu")):
-        if os.environ.get("JAX_PLATFORMS") == "cpu" or not _platform_available(platform):
+        if not _platform_available(platform):
             skip = pytest.mark.skip(reason=f"needs a {platform.upper()} (marker '{marker}')")
             for item in items:
                 if marker in item.keywords:

@@ -1,0 +1,91 @@
+"""The attention entry point: 'reference' (grouped einsum) vs 'xla' (jax.nn.dot_product_attention)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gqa_uptrain.attention import attention, make_mask, resolve_implementation
+
+# Per-dtype tolerances (max abs error on outputs of O(1) magnitude): fp32 both paths accumulate in
+# fp32; bf16 inputs round q/k/v/probabilities to 8 mantissa bits, so ~2^-8 relative per element.
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def _qkv(num_heads, num_kv_heads, seq_q=9, seq_kv=9, dtype=jnp.float32, seed=0):
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q = jax.random.normal(kq, (2, seq_q, num_heads, 16), dtype)
+    k = jax.random.normal(kk, (2, seq_kv, num_kv_heads, 16), dtype)
+    v = jax.random.normal(kv, (2, seq_kv, num_kv_heads, 16), dtype)
+    return q, k, v
+
+
+def _naive(q, k, v, mask):
+    """Loop over query heads, each with its KV head n // q_per_kv: the textbook definition."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    out = np.zeros_like(q)
+    for n in range(q.shape[2]):
+        logits = np.einsum("btd,bsd->bts", q[:, :, n], k[:, :, n // group]) / np.sqrt(q.shape[-1])
+        if mask is not None:
+            logits = np.where(np.asarray(mask), logits, -1e30)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out[:, :, n] = np.einsum("bts,bsd->btd", p, v[:, :, n // group])
+    return out
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_matches_per_head_loop(num_kv_heads, causal):
+    q, k, v = _qkv(4, num_kv_heads)
+    mask = make_mask(9, 9, causal=causal)
+    got = attention(q, k, v, causal=causal, implementation="reference")
+    np.testing.assert_allclose(got, _naive(q, k, v, mask), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
+def test_reference_and_xla_agree(dtype, num_kv_heads):
+    q, k, v = _qkv(4, num_kv_heads, dtype=dtype, seed=1)
+    segment_ids = jnp.array([[0] * 4 + [1] * 5, [0] * 9])
+    cases = [
+        dict(causal=True),
+        dict(causal=False),
+        dict(causal=True, segment_ids=segment_ids),
+        dict(causal=False, kv_lengths=jnp.array([3, 9])),
+    ]
+    for kw in cases:
+        ref = attention(q, k, v, implementation="reference", **kw)
+        xla = attention(q, k, v, implementation="xla", **kw)
+        assert ref.dtype == xla.dtype == dtype
+        np.testing.assert_allclose(np.asarray(ref, np.float32), np.asarray(xla, np.float32),
+                                   atol=TOLERANCE[dtype], err_msg=str(kw))
+
+
+def test_q_offset_and_kv_lengths_place_queries_in_the_cache():
+    # 2 new queries at cache positions [4, 6] and [1, 3]; keys beyond kv_lengths are junk.
+    q, k, v = _qkv(4, 2, seq_q=2, seq_kv=10, seed=2)
+    q_offset, kv_lengths = jnp.array([5, 2]), jnp.array([7, 4])
+    got = attention(q, k, v, q_offset=q_offset, kv_lengths=kv_lengths, implementation="reference")
+    for b in range(2):
+        n = int(kv_lengths[b])
+        want = _naive(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n],
+                      make_mask(2, n, causal=True, q_offset=q_offset[b:b + 1]))
+        np.testing.assert_allclose(got[b:b + 1], want, atol=1e-5)
+    # The bksd layout (the decode cache's) gives the same answer.
+    got_bksd = attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), q_offset=q_offset,
+                         kv_lengths=kv_lengths, implementation="auto", kv_layout="bksd")
+    np.testing.assert_allclose(got_bksd, got, atol=1e-6)
+
+
+def test_bad_implementation_and_layout_are_named():
+    with pytest.raises(ValueError, match="implementation='cudnn2'"):
+        resolve_implementation("cudnn2")
+    with pytest.raises(ValueError, match="implementation='xla' needs kv_layout='bskd'"):
+        resolve_implementation("xla", "bksd")
+    with pytest.raises(ValueError, match="kv_layout='sbkd'"):
+        resolve_implementation("reference", "sbkd")
+    q, k, v = _qkv(4, 2)
+    with pytest.raises(ValueError, match="disagree on batch or head_dim"):
+        attention(q, k[..., :8], v[..., :8])
