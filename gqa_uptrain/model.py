@@ -279,20 +279,29 @@ class Transformer(nnx.Module):
         return jnp.einsum("btd,dv->btv", x, head.astype(x.dtype),
                           preferred_element_type=jnp.float32)
 
-    def __call__(self, tokens, *, segment_ids=None, positions=None, implementation="auto"):
+    def __call__(self, tokens, *, segment_ids=None, positions=None, implementation="auto",
+                 remat: bool = False):
         """Training/scoring forward. tokens: [batch, seq] ints -> logits [batch, seq, vocab] float32.
 
         segment_ids [batch, seq] keep packed documents apart; positions [batch, seq] default to
-        0..seq-1 (pass per-segment positions for packed data).
+        0..seq-1 (pass per-segment positions for packed data). remat=True recomputes each block's
+        activations in the backward pass instead of storing them (less memory, ~1/3 more compute);
+        the forward values are unchanged.
         """
         batch, seq = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         inv_freq = rope_inv_freq(self.config)
+
+        def block_fn(block, x, positions, segment_ids):
+            x = x + block.attn(block.attn_norm(x), positions, inv_freq, segment_ids, implementation)
+            return x + block.mlp(block.mlp_norm(x))
+
+        if remat:
+            block_fn = nnx.remat(block_fn)
         x = self._embed(tokens)
         for block in self.layers:
-            x = x + block.attn(block.attn_norm(x), positions, inv_freq, segment_ids, implementation)
-            x = x + block.mlp(block.mlp_norm(x))
+            x = block_fn(block, x, positions, segment_ids)
         return self._logits(x)
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
@@ -383,6 +392,23 @@ def count_params(params: dict[str, Any]) -> int:
 
 
 # ----------------------------------------------------------------------------- decoding
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "implementation"))
+def _forward_jit(graphdef, state, tokens, segment_ids, positions, implementation):
+    model = nnx.merge(graphdef, state)
+    return model(tokens, segment_ids=segment_ids, positions=positions,
+                 implementation=implementation)
+
+
+def forward_fn(model: Transformer, implementation: str = "auto"):
+    """A jitted (tokens, segment_ids=None, positions=None) -> logits closure over the model."""
+    graphdef, state = nnx.split(model)
+
+    def forward(tokens, segment_ids=None, positions=None):
+        return _forward_jit(graphdef, state, tokens, segment_ids, positions, implementation)
+
+    return forward
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "implementation"),

@@ -41,21 +41,20 @@ def _expand_kv(params, q_per_kv, interleaved):
 def test_gqa_equals_mha_with_contiguously_repeated_kv(num_kv_heads):
     gqa = model_lib.build_model(tiny_config(num_kv_heads), seed=1)
     tokens = _tokens(2, 9)
-    want = gqa(tokens, implementation="reference")
+    want = model_lib.forward_fn(gqa, "reference")(tokens)
     q_per_kv = NUM_HEADS // num_kv_heads
     mha_config = tiny_config(NUM_HEADS)
     contiguous = model_lib.build_model(
         mha_config, _expand_kv(model_lib.get_params(gqa), q_per_kv, interleaved=False))
-    np.testing.assert_allclose(contiguous(tokens, implementation="reference"), want,
-                               atol=2e-5, rtol=1e-5)
-    np.testing.assert_allclose(contiguous(tokens, implementation="xla"), want,
-                               atol=2e-5, rtol=1e-5)
+    for implementation in ("reference", "xla"):
+        np.testing.assert_allclose(model_lib.forward_fn(contiguous, implementation)(tokens), want,
+                                   atol=2e-5, rtol=1e-5)
     # Negative control: interleaved copies pair query heads with the wrong KV heads, so this
     # equivalence must break. (For MQA both orders coincide: there is one KV head.)
     if num_kv_heads > 1:
         interleaved = model_lib.build_model(
             mha_config, _expand_kv(model_lib.get_params(gqa), q_per_kv, interleaved=True))
-        diff = np.abs(np.asarray(interleaved(tokens, implementation="reference")) - want).max()
+        diff = np.abs(np.asarray(model_lib.forward_fn(interleaved, "reference")(tokens)) - want).max()
         assert diff > 1e-2, "interleaved KV copies should not reproduce the GQA model"
 
 
@@ -111,7 +110,7 @@ def test_prefill_then_steps_reproduce_full_forward(num_kv_heads, implementation)
     model = model_lib.build_model(tiny_config(num_kv_heads), seed=2)
     batch, seq = 3, 12
     tokens = _tokens(batch, seq, seed=3)
-    full = np.asarray(model(tokens, implementation="reference"))  # [b, t, v]
+    full = np.asarray(model_lib.forward_fn(model, "reference")(tokens))  # [b, t, v]
     prompt_lengths = np.array([5, 8, 3])
     # Right-pad each prompt with junk past its length: the cache must never let it be seen.
     prompt = np.array(_tokens(batch, 8, seed=4))
@@ -139,11 +138,10 @@ def test_generate_greedy_matches_argmax_of_full_forward():
     model = model_lib.build_model(tiny_config(2), seed=5)
     prompt = _tokens(2, 4, seed=6)
     new = np.asarray(model_lib.generate(model, prompt, jnp.array([4, 4]), 5))
-    seq = np.asarray(prompt)
-    for i in range(5):
-        nxt = np.argmax(np.asarray(model(jnp.asarray(seq)))[:, -1], axis=-1)
-        np.testing.assert_array_equal(new[:, i], nxt)
-        seq = np.concatenate([seq, nxt[:, None]], axis=1)
+    # Teacher forcing on prompt + generated tokens: each generated token is the argmax of the full
+    # forward's logits at the position before it.
+    full = np.asarray(model_lib.forward_fn(model)(jnp.concatenate([prompt, new], axis=1)))
+    np.testing.assert_array_equal(new, np.argmax(full[:, 3:8], axis=-1))
     # Sampling is deterministic under a key and stays in the vocabulary.
     a = model_lib.generate(model, prompt, jnp.array([4, 2]), 6, temperature=1.0,
                            rng=jax.random.PRNGKey(0))
@@ -154,7 +152,7 @@ def test_generate_greedy_matches_argmax_of_full_forward():
 
 
 def test_causality_later_tokens_never_change_earlier_logits():
-    model = model_lib.build_model(tiny_config(2), seed=7)
+    model = model_lib.forward_fn(model_lib.build_model(tiny_config(2), seed=7))
     tokens = np.array(_tokens(1, 10, seed=8))
     base = np.asarray(model(jnp.asarray(tokens)))
     changed = tokens.copy()
@@ -165,7 +163,7 @@ def test_causality_later_tokens_never_change_earlier_logits():
 
 
 def test_segment_ids_isolate_packed_documents():
-    model = model_lib.build_model(tiny_config(2), seed=9)
+    model = model_lib.forward_fn(model_lib.build_model(tiny_config(2), seed=9))
     doc_a, doc_b = _tokens(1, 4, seed=10), _tokens(1, 6, seed=11)
     packed = jnp.concatenate([doc_a, doc_b], axis=1)
     segment_ids = jnp.array([[1] * 4 + [2] * 6])
