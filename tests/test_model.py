@@ -203,6 +203,7 @@ def test_config_round_trips_and_rejects_unknown_fields():
 def test_kv_cache_holds_only_kv_heads_and_bytes_per_token():
     config = tiny_config(2)
     cache = model_lib.build_model(config).init_cache(3, 10, jnp.bfloat16)
-    assert cache.k.shape == (2, 3, 2, 10, 8) and cache.k.dtype == jnp.bfloat16
+    assert len(cache.k) == 2 and cache.k[0].shape == (3, 2, 10, 8)
+    assert cache.k[0].dtype == cache.v[1].dtype == jnp.bfloat16
     # 2 (K and V) x 2 layers x 2 kv heads x head_dim 8 x 2 bytes.
     assert model_lib.kv_cache_bytes_per_token(config, jnp.bfloat16) == 2 * 2 * 2 * 8 * 2
