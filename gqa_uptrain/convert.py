@@ -1,0 +1,319 @@
+"""The converter's command line: MHA (or GQA) -> GQA with fewer KV heads, by pooling K/V heads.
+
+  python -m gqa_uptrain.convert --input=PATH --output=PATH --num_kv_heads=G [--method=mean]
+      [--seed=0] [--output_format=auto|hf|checkpoint] [--tokenizer=PATH] [--overwrite]
+
+The input's format is detected: a Hugging Face folder (config.json + safetensors) or this project's
+checkpoint (meta.json + params/) or training workdir (its latest checkpoint). The output has the
+input's format unless --output_format says otherwise:
+  hf -> hf                  streaming, one tensor in memory at a time, no jax/torch (hf.convert_hf_folder)
+  checkpoint -> checkpoint  convert_checkpoint below
+  hf -> checkpoint          import (hf.load_hf_model), pool, save: ready for uptraining
+  checkpoint -> hf          restore, pool, export (hf.export_hf): ready for transformers
+It prints layers converted, KV heads, KV projection parameters and KV-cache bytes per token, each
+before -> after. Bad input prints one line `error: ...` on stderr, exits 1 (2 for bad flags), and
+leaves nothing behind: every output is written beside its destination and renamed when complete.
+
+This module is I/O only; the arithmetic lives in pooling.py and the name table in hf.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from gqa_uptrain import hf, pooling
+
+FORMATS = ("hf", "checkpoint")
+# Provenance entries a converted checkpoint keeps at the top level (see convert_checkpoint).
+_CARRIED = ("tokenizer", "data", "hf_config")
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+
+def detect_format(path: str) -> str:
+    """'hf' for a folder with config.json, 'checkpoint' for this project's checkpoint or workdir."""
+    if not os.path.exists(path):
+        raise ValueError(f"input {path} does not exist")
+    if not os.path.isdir(path):
+        raise ValueError(f"input {path} is not a folder")
+    if os.path.isfile(os.path.join(path, hf.CONFIG_FILE)):
+        return "hf"
+    # Same test as checkpoints.is_checkpoint / list_steps, without importing jax for it.
+    if os.path.isfile(os.path.join(path, "meta.json")) or os.path.isdir(
+            os.path.join(path, "checkpoints")):
+        return "checkpoint"
+    raise ValueError(f"{path} has no config.json (not a Hugging Face folder) and is not a checkpoint "
+                     "(meta.json + params/) or workdir (checkpoints/) of this project")
+
+
+def _summary_from_config(config, num_kv_heads_after: int) -> dict[str, Any]:
+    return {"num_layers": config.num_layers, "num_heads": config.num_heads,
+            "num_kv_heads_before": config.num_kv_heads, "num_kv_heads_after": num_kv_heads_after,
+            "head_dim": config.head_dim, "d_model": config.d_model, "kv_bias": config.qkv_bias,
+            "cache_dtype": config.dtype}
+
+
+def _restore(path: str):
+    from gqa_uptrain import checkpoints  # noqa: PLC0415 (jax: only on this path)
+
+    resolved = checkpoints.resolve(path)
+    try:
+        params, meta, _ = checkpoints.restore(resolved)
+    except checkpoints.CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 (orbax's errors on a damaged checkpoint are varied)
+        raise ValueError(f"cannot read checkpoint {resolved}: {type(e).__name__}: {e}") from None
+    return resolved, params, meta
+
+
+def _provenance(input_path: str, method: str, seed: int, before: int, after: int) -> dict[str, Any]:
+    return {"converted_from": os.path.abspath(input_path), "converter": hf._converter_version(),
+            "method": method, "seed": seed, "num_kv_heads_before": before,
+            "num_kv_heads_after": after}
+
+
+def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int, method: str = "mean",
+                       seed: int = 0, *, overwrite: bool = False) -> dict[str, Any]:
+    """Converts this project's checkpoint (or a workdir's latest) to num_kv_heads KV heads.
+
+    The output holds params and meta only (uptraining starts a fresh optimizer). Its meta has
+    step=0 and source_step = all training steps behind the input, i.e. input.step +
+    (input.source_step or 0): a pretrained MHA checkpoint at step P gives P; a converted one
+    (step 0, source_step P) keeps P; an uptrained one (step S, source_step P) gives P + S.
+    data_position is None (a new run); the input's step, source_step, data_position and
+    provenance are kept under provenance['source'], and its 'tokenizer', 'data' and 'hf_config'
+    entries are also carried to the top level (where evaluate, train and export read them).
+    """
+    from gqa_uptrain import checkpoints  # noqa: PLC0415
+
+    if method not in pooling.METHODS:
+        raise ValueError(f"method={method!r} is not one of {pooling.METHODS}")
+    detect_format(input_path)
+    hf.check_output_path(input_path, output_path, overwrite)
+    resolved = checkpoints.resolve(input_path)
+    meta_in = checkpoints.read_meta(resolved)
+    pooling.check_num_kv_heads(meta_in.model_config.num_kv_heads, num_kv_heads)
+    resolved, params, meta_in = _restore(resolved)
+    new_params, new_config = pooling.convert_params(params, meta_in.model_config, num_kv_heads,
+                                                    method, seed)
+    provenance = _provenance(resolved, method, seed, meta_in.model_config.num_kv_heads, num_kv_heads)
+    # What evaluate/train/export look up at the top level stays there: the tokenizer spec, the data
+    # spec, the Hugging Face config the model came from.
+    for key in _CARRIED:
+        if key in meta_in.provenance:
+            provenance[key] = meta_in.provenance[key]
+    if "hf_config" in provenance:
+        provenance["hf_config"] = dict(provenance["hf_config"], num_key_value_heads=num_kv_heads)
+    provenance["source"] = {"step": meta_in.step, "source_step": meta_in.source_step,
+                            "data_position": meta_in.data_position,
+                            "provenance": meta_in.provenance}
+    meta = checkpoints.Meta(model_config=new_config, step=0,
+                            source_step=meta_in.step + (meta_in.source_step or 0),
+                            provenance=provenance)
+    checkpoints.save(output_path, new_params, meta, overwrite=overwrite)
+    return {"input_format": "checkpoint", "output_format": "checkpoint", "input": resolved,
+            "method": method, "seed": seed, "source_step": meta.source_step,
+            **_summary_from_config(meta_in.model_config, num_kv_heads)}
+
+
+def _hf_to_checkpoint(input_path, output_path, num_kv_heads, method, seed, overwrite):
+    from gqa_uptrain import checkpoints  # noqa: PLC0415
+
+    hf_config = hf.read_hf_config(input_path)
+    hf.check_output_path(input_path, output_path, overwrite)
+    pooling.check_num_kv_heads(hf.hf_layout(hf_config).num_kv_heads, num_kv_heads)
+    params, config = hf.load_hf_model(input_path)
+    new_params, new_config = pooling.convert_params(params, config, num_kv_heads, method, seed)
+    provenance = _provenance(input_path, method, seed, config.num_kv_heads, num_kv_heads)
+    # Kept so that exporting after uptraining restores the original config's other fields
+    # (token ids, rope layout, max_position_embeddings) and can find the tokenizer again.
+    provenance["hf_config"] = dict(hf_config, num_key_value_heads=num_kv_heads)
+    tok = hf.tokenizer_path(input_path)
+    if tok is not None:  # the tokenizer spec train.py / evaluate.py read: a tokenizer.json path
+        provenance["tokenizer"] = os.path.abspath(tok)
+    meta = checkpoints.Meta(model_config=new_config, step=0, source_step=None,
+                            provenance=provenance)
+    checkpoints.save(output_path, new_params, meta, overwrite=overwrite)
+    return {"input_format": "hf", "output_format": "checkpoint",
+            "architecture": hf_config["architectures"][0], "method": method, "seed": seed,
+            **_summary_from_config(config, num_kv_heads)}
+
+
+def _hf_base_config(provenance: dict[str, Any], depth: int = 5) -> dict[str, Any] | None:
+    """The Hugging Face config.json a checkpoint descends from, if it can still be found: its own
+    provenance['hf_config'], else the HF folder or checkpoint its training run started from
+    (train.py's provenance['init']), followed up to `depth` checkpoints back."""
+    from gqa_uptrain import checkpoints  # noqa: PLC0415
+
+    if provenance.get("hf_config"):
+        return provenance["hf_config"]
+    init = provenance.get("init") or {}
+    try:
+        if init.get("hf_folder") and os.path.isfile(os.path.join(init["hf_folder"], hf.CONFIG_FILE)):
+            return hf.read_hf_config(init["hf_folder"])
+        if init.get("checkpoint") and depth > 0 and checkpoints.is_checkpoint(init["checkpoint"]):
+            return _hf_base_config(checkpoints.read_meta(init["checkpoint"]).provenance, depth - 1)
+    except ValueError:  # an ancestor that no longer reads: export without a base
+        return None
+    return None
+
+
+def _export_tokenizer(tokenizer: str | None, provenance: dict[str, Any], has_base: bool,
+                      vocab_size: int) -> tuple[str | None, bool, str]:
+    """(tokenizer folder or tokenizer.json to copy, write byte-level?, what the summary says).
+
+    In order: --tokenizer; the checkpoint's provenance['tokenizer'] ('byte', or a tokenizer.json
+    path, as train.py records it); else a byte-level tokenizer for a model trained here (no HF
+    ancestor) whose vocabulary is byte-sized (256..512 ids); else none, said plainly.
+    """
+    if tokenizer is not None:
+        return tokenizer, False, f"copied from {tokenizer}"
+    spec = provenance.get("tokenizer")
+    if spec == "byte":
+        return None, True, "byte-level"
+    if spec:
+        if os.path.isfile(spec):
+            src = os.path.dirname(spec) if os.path.basename(spec) == "tokenizer.json" else spec
+            return src, False, f"copied from {src}"
+        return None, False, f"none: the recorded tokenizer {spec} is gone (pass --tokenizer=FOLDER)"
+    if not has_base and 256 <= vocab_size <= 512:
+        return None, True, "byte-level"
+    return None, False, "none (pass --tokenizer=FOLDER)"
+
+
+def _checkpoint_to_hf(input_path, output_path, num_kv_heads, method, seed, overwrite, tokenizer):
+    from gqa_uptrain import checkpoints  # noqa: PLC0415
+
+    detect_format(input_path)
+    hf.check_output_path(input_path, output_path, overwrite)
+    if tokenizer is not None and not os.path.exists(tokenizer):
+        raise ValueError(f"tokenizer {tokenizer} does not exist")
+    resolved = checkpoints.resolve(input_path)
+    meta_in = checkpoints.read_meta(resolved)
+    pooling.check_num_kv_heads(meta_in.model_config.num_kv_heads, num_kv_heads)
+    resolved, params, meta_in = _restore(resolved)
+    new_params, new_config = pooling.convert_params(params, meta_in.model_config, num_kv_heads,
+                                                    method, seed)
+    base = _hf_base_config(meta_in.provenance)
+    tokenizer, byte_tokenizer, tokenizer_note = _export_tokenizer(
+        tokenizer, meta_in.provenance, base is not None, new_config.vocab_size)
+    provenance = _provenance(resolved, method, seed, meta_in.model_config.num_kv_heads,
+                             num_kv_heads)
+    provenance["source"] = {"step": meta_in.step, "source_step": meta_in.source_step}
+    hf.export_hf(new_params, new_config, output_path, tokenizer_folder=tokenizer,
+                 base_hf_config=base, byte_tokenizer=byte_tokenizer, provenance=provenance,
+                 overwrite=overwrite)
+    return {"input_format": "checkpoint", "output_format": "hf", "input": resolved,
+            "method": method, "seed": seed, "tokenizer": tokenizer_note,
+            **_summary_from_config(meta_in.model_config, num_kv_heads)}
+
+
+def convert(input_path: str, output_path: str, num_kv_heads: int, method: str = "mean",
+            seed: int = 0, *, output_format: str = "auto", overwrite: bool = False,
+            tokenizer: str | None = None) -> dict[str, Any]:
+    """Detects the input's format and converts; returns the summary dict that main() prints."""
+    if method not in pooling.METHODS:
+        raise ValueError(f"method={method!r} is not one of {pooling.METHODS}")
+    if output_format not in ("auto",) + FORMATS:
+        raise ValueError(f"output_format={output_format!r} is not one of auto, {', '.join(FORMATS)}")
+    input_format = detect_format(input_path)
+    out_format = input_format if output_format == "auto" else output_format
+    if tokenizer is not None and out_format != "hf":
+        raise ValueError("--tokenizer applies only to a Hugging Face output")
+    if input_format == "hf" and out_format == "hf":
+        if tokenizer is not None:
+            raise ValueError("--tokenizer does not apply to hf -> hf (the input's tokenizer is copied)")
+        summary = hf.convert_hf_folder(input_path, output_path, num_kv_heads, method, seed,
+                                       overwrite=overwrite)
+    elif input_format == "hf":
+        summary = _hf_to_checkpoint(input_path, output_path, num_kv_heads, method, seed, overwrite)
+    elif out_format == "hf":
+        summary = _checkpoint_to_hf(input_path, output_path, num_kv_heads, method, seed, overwrite,
+                                    tokenizer)
+    else:
+        summary = convert_checkpoint(input_path, output_path, num_kv_heads, method, seed,
+                                     overwrite=overwrite)
+    summary.setdefault("input", os.path.abspath(input_path))
+    summary["output"] = os.path.abspath(output_path)
+    return summary
+
+
+def kv_numbers(summary: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(before, after) of KV projection parameters and KV-cache bytes per token, from a summary."""
+    s = summary
+    heads = (s["num_kv_heads_before"], s["num_kv_heads_after"])
+    return {
+        "kv_projection_params": tuple(pooling.kv_projection_params(
+            s["num_layers"], s["d_model"], k, s["head_dim"], s["kv_bias"]) for k in heads),
+        # 2 (K and V) · layers · kv_heads · head_dim · bytes, as model.kv_cache_bytes_per_token.
+        "kv_cache_bytes_per_token": tuple(
+            2 * s["num_layers"] * k * s["head_dim"] * _ITEMSIZE[s["cache_dtype"]] for k in heads),
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    s = summary
+    numbers = kv_numbers(s)
+    params, cache = numbers["kv_projection_params"], numbers["kv_cache_bytes_per_token"]
+    seed = f", seed={s['seed']}" if s["method"] == "random" else ""
+    lines = [
+        f"converted {s['input']} ({s['input_format']}) -> {s['output']} ({s['output_format']}), "
+        f"method={s['method']}{seed}",
+        f"layers converted: {s['num_layers']}",
+        f"KV heads: {s['num_kv_heads_before']} -> {s['num_kv_heads_after']} "
+        f"(query heads: {s['num_heads']})",
+        f"KV projection parameters: {params[0]:,} -> {params[1]:,}",
+        f"KV-cache bytes per token ({s['cache_dtype']}): {cache[0]:,} -> {cache[1]:,}",
+    ]
+    if s.get("dropped_tensors"):
+        lines.append(f"dropped buffers: {len(s['dropped_tensors'])} "
+                     f"({s['dropped_tensors'][0]}, ...)")
+    if s.get("not_copied"):
+        lines.append(f"not copied (weights in other formats, subfolders, hidden files): "
+                     f"{', '.join(s['not_copied'])}")
+    if "source_step" in s:
+        lines.append(f"source_step (training steps behind the input): {s['source_step']}")
+    if "tokenizer" in s:
+        lines.append(f"tokenizer: {s['tokenizer']}")
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, not argparse's usage block
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="python -m gqa_uptrain.convert",
+                description="Convert an MHA/GQA model to fewer KV heads by pooling K/V heads.")
+    p.add_argument("--input", required=True, help="Hugging Face folder, or checkpoint / workdir")
+    p.add_argument("--output", required=True, help="where to write (must not exist)")
+    p.add_argument("--num_kv_heads", type=int, required=True,
+                   help="G: KV heads after conversion; must divide the current number")
+    p.add_argument("--method", default="mean", choices=pooling.METHODS)
+    p.add_argument("--seed", type=int, default=0, help="for --method=random")
+    p.add_argument("--output_format", default="auto", choices=("auto",) + FORMATS)
+    p.add_argument("--tokenizer", default=None,
+                   help="checkpoint -> hf: folder (or tokenizer.json) whose tokenizer to ship")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        summary = convert(args.input, args.output, args.num_kv_heads, args.method, args.seed,
+                          output_format=args.output_format, overwrite=args.overwrite,
+                          tokenizer=args.tokenizer)
+    except (ValueError, OSError) as e:
+        message = " ".join(str(e).split())  # one line, whatever the exception held
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1034 @@
+"""Hugging Face Llama-family folders: read, write, and convert them to fewer KV heads.
+
+Supported: `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM` folders holding `config.json`
+plus safetensors weights (`model.safetensors`, or shards listed in `model.safetensors.index.json`).
+
+Three jobs, in the sections below:
+  * safetensors I/O by offset: a header parser that checks the file (truncated or corrupted files are
+    refused), a reader that reads one tensor with plain file reads (no memory map, so nothing grows
+    resident but the tensor itself), and a header-first writer (the header is computed from the
+    planned names, dtypes and shapes, then tensors are streamed in).
+  * HF -> HF conversion (`convert_hf_folder`), streaming one tensor at a time: only K/V tensors are
+    decoded and pooled; every other tensor is copied in chunks. Imports neither jax nor torch.
+  * import (`load_hf_model`: HF folder -> this project's flat params + ModelConfig) and export
+    (`export_hf`: params + ModelConfig -> HF folder); both are pure reshapes/transposes, so a round
+    trip is bit-exact. These import model.py (and so jax) lazily, inside the functions.
+
+Name table (D=d_model, N=num_heads, K=num_kv_heads, H=head_dim, F=mlp_dim, V=vocab):
+  model.embed_tokens.weight [V, D]                <-> embed [V, D]
+  model.norm.weight [D]                           <-> final_norm.scale [D]
+  lm_head.weight [V, D]                           <-> lm_head [D, V]  (absent when tied)
+  model.layers.i.input_layernorm.weight [D]       <-> layers.i.attn_norm.scale
+  model.layers.i.post_attention_layernorm.weight  <-> layers.i.mlp_norm.scale
+  model.layers.i.self_attn.q_proj.weight [N*H, D] <-> layers.i.attn.q_proj [D, N, H]  (k, v: K heads)
+  model.layers.i.self_attn.q_proj.bias [N*H]      <-> layers.i.attn.q_bias [N, H]     (k, v: K heads)
+  model.layers.i.self_attn.o_proj.weight [D, N*H] <-> layers.i.attn.o_proj [N, H, D]
+  model.layers.i.self_attn.o_proj.bias [D]        <-> layers.i.attn.o_bias [D]
+  model.layers.i.mlp.{gate,up}_proj.weight [F, D] <-> layers.i.mlp.{gate,up}_proj [D, F]
+  model.layers.i.mlp.down_proj.weight [D, F]      <-> layers.i.mlp.down_proj [F, D]
+RoPE needs no permutation: model.py uses HF's rotate-half layout.
+
+Features, and where they are supported (HF -> HF pooling touches only K/V, so it passes through
+everything that does not change how K/V heads are laid out; import into this project's model refuses
+what the model does not implement, by name):
+  explicit head_dim ............ both            tied embeddings (no lm_head.weight) ... both
+  Llama attention_bias ......... both (q/k/v/o biases -> qkv_bias=True, o_bias=True)
+  Qwen2 q/k/v biases ........... both (-> qkv_bias=True, o_bias=False)
+  rope 'default'/'linear'/'llama3' both; other rope types: HF -> HF only
+  Mistral sliding_window set ... HF -> HF only    Qwen2 use_sliding_window ... HF -> HF only
+  Llama mlp_bias ............... HF -> HF only    hidden_act other than silu ... HF -> HF only
+  quantization_config .......... refused everywhere (packed weights cannot be pooled)
+Buffers `*.rotary_emb.inv_freq` (older Llama saves) are recognised and dropped. Other weight files
+(`pytorch_model*.bin`, `original/`, `consolidated*` and Mistral's `params.json` that describes them)
+are never read or copied: they would be stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from gqa_uptrain import pooling
+
+if TYPE_CHECKING:  # model.py imports jax; the HF -> HF path must not.
+    from gqa_uptrain.model import ModelConfig
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+PROVENANCE_FILE = "gqa_conversion.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+# Files never copied from an input folder: weights (would be stale after pooling) and what we rewrite.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf",
+                    ".npz", ".onnx")
+_BUFFER = re.compile(r"(^|\.)rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
+# Export default, as transformers' classic save_pretrained: a 7B model in bf16 gives 3 shards.
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+_COPY_CHUNK_BYTES = 16 * 2**20
+
+
+# ============================================================================ safetensors by offset
+
+_DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
+                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+
+
+def _numpy_dtype(st_dtype: str) -> np.dtype:
+    import ml_dtypes  # noqa: PLC0415 (numpy has no bfloat16/float8 of its own)
+
+    table = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16,
+             "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I32": np.int32, "U32": np.uint32,
+             "F32": np.float32, "I64": np.int64, "U64": np.uint64, "F64": np.float64,
+             "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+    return np.dtype(table[st_dtype])
+
+
+def _safetensors_dtype(dtype: Any) -> str:
+    name = np.dtype(dtype).name
+    table = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16",
+             "float16": "F16", "bfloat16": "BF16", "int32": "I32", "uint32": "U32",
+             "float32": "F32", "int64": "I64", "uint64": "U64", "float64": "F64",
+             "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+    if name not in table:
+        raise ValueError(f"dtype {name} cannot be written to safetensors")
+    return table[name]
+
+
+_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies: `offset` is the absolute byte offset of its data in `path`."""
+
+    name: str
+    dtype: str  # safetensors spelling: 'F32', 'BF16', ...
+    shape: tuple[int, ...]
+    path: str
+    offset: int
+    nbytes: int
+
+
+def read_safetensors_header(path: str) -> tuple[list[TensorInfo], dict[str, str]]:
+    """Parses and checks a safetensors file's header without reading tensor data.
+
+    Returns (tensors in file order, __metadata__). Raises ValueError naming the file when it is
+    truncated or corrupted: header size, JSON, dtypes, shapes, offsets (contiguous, no gaps, no
+    overlaps) and the file's length are all checked.
+    """
+    size = os.path.getsize(path)
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{path}: truncated or corrupted safetensors file ({why})")
+
+    if size < 8:
+        raise bad(f"{size} bytes, shorter than the 8-byte header length")
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > min(size - 8, _MAX_HEADER_BYTES):
+            raise bad(f"header length {header_len} but the file holds {size} bytes")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise bad("__metadata__ is not an object")
+    data_start = 8 + header_len
+    tensors = []
+    for tname, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"entry for {tname!r} is malformed") from None
+        if dtype not in _DTYPE_SIZES:
+            raise bad(f"{tname!r} has unknown dtype {dtype!r}")
+        if not all(isinstance(d, int) and d >= 0 for d in shape) or not (
+                isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+            raise bad(f"{tname!r} has shape {list(shape)} / offsets {[begin, end]}")
+        nbytes = math.prod(shape) * _DTYPE_SIZES[dtype]
+        if end - begin != nbytes:
+            raise bad(f"{tname!r}: {end - begin} bytes of data for shape {list(shape)} {dtype}")
+        tensors.append(TensorInfo(tname, dtype, shape, path, data_start + begin, nbytes))
+    tensors.sort(key=lambda t: t.offset)
+    expected = data_start
+    for t in tensors:
+        if t.offset != expected:
+            raise bad(f"{t.name!r} starts at byte {t.offset - data_start} of the data, "
+                      f"expected {expected - data_start} (gap or overlap)")
+        expected += t.nbytes
+    if expected != size:
+        raise bad(f"the header describes {expected} bytes but the file holds {size}")
+    return tensors, metadata
+
+
+def read_tensor(info: TensorInfo) -> np.ndarray:
+    """Reads one tensor with plain file reads (re-opening the file; no memory map)."""
+    buf = np.empty(info.nbytes, np.uint8)
+    with open(info.path, "rb") as f:
+        f.seek(info.offset)
+        if f.readinto(memoryview(buf)) != info.nbytes:
+            raise ValueError(f"{info.path}: truncated while reading {info.name!r}")
+    return buf.view(_numpy_dtype(info.dtype)).reshape(info.shape)
+
+
+class SafetensorsWriter:
+    """Header-first safetensors writer: the header (names, dtypes, shapes, offsets) is fixed up front
+    from `entries`, then each tensor is written in that order with `write` or `copy_from`.
+
+    entries: [(name, safetensors dtype, shape)]; metadata: e.g. {'format': 'pt'} (what transformers
+    expects). Use as a context manager; `close` checks that every planned tensor was written.
+    """
+
+    def __init__(self, path: str, entries: list[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = path
+        self._entries = [(n, d, tuple(int(x) for x in s)) for n, d, s in entries]
+        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        offset = 0
+        for name, dtype, shape in self._entries:
+            nbytes = math.prod(shape) * _DTYPE_SIZES[dtype]
+            header[name] = {"dtype": dtype, "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # 8-byte aligned data, as the safetensors library writes it
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def _expect(self, name: str) -> tuple[str, tuple[int, ...]]:
+        if self._next >= len(self._entries) or self._entries[self._next][0] != name:
+            raise RuntimeError(f"{self.path}: wrote {name!r} out of the planned order")
+        self._next += 1
+        return self._entries[self._next - 1][1:]
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        dtype, shape = self._expect(name)
+        array = np.ascontiguousarray(array)
+        if _safetensors_dtype(array.dtype) != dtype or tuple(array.shape) != shape:
+            raise RuntimeError(f"{self.path}: {name!r} is {array.dtype}{array.shape}, "
+                               f"planned {dtype}{shape}")
+        self._file.write(array.reshape(-1).view(np.uint8).data)
+
+    def copy_from(self, info: TensorInfo) -> None:
+        """Copies a tensor's bytes from an input file in chunks (never the whole tensor in memory)."""
+        dtype, shape = self._expect(info.name)
+        if (info.dtype, info.shape) != (dtype, shape):
+            raise RuntimeError(f"{self.path}: {info.name!r} does not match its plan")
+        with open(info.path, "rb") as f:
+            f.seek(info.offset)
+            left = info.nbytes
+            while left:
+                chunk = f.read(min(left, _COPY_CHUNK_BYTES))
+                if not chunk:
+                    raise ValueError(f"{info.path}: truncated while reading {info.name!r}")
+                self._file.write(chunk)
+                left -= len(chunk)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._next != len(self._entries):
+            raise RuntimeError(f"{self.path}: {len(self._entries) - self._next} planned tensors "
+                               "were not written")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.close()
+        else:
+            self._file.close()
+
+
+def verify_safetensors(path: str, entries: list[tuple[str, str, tuple[int, ...]]]) -> None:
+    """Opens a written file with the safetensors library and checks names, dtypes and shapes."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    with safe_open(path, framework="numpy") as f:
+        if (f.metadata() or {}).get("format") != "pt":
+            raise RuntimeError(f"{path}: metadata lacks format=pt")
+        got = {n: (f.get_slice(n).get_dtype(), tuple(f.get_slice(n).get_shape())) for n in f.keys()}
+    want = {n: (d, tuple(s)) for n, d, s in entries}
+    if got != want:
+        raise RuntimeError(f"{path}: written file does not read back as planned")
+
+
+# ============================================================================ folders and paths
+
+
+def _check_is_hf_folder(folder: str) -> None:
+    if not os.path.exists(folder):
+        raise ValueError(f"input {folder} does not exist")
+    if not os.path.isdir(folder):
+        raise ValueError(f"input {folder} is not a folder")
+    if not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+        raise ValueError(f"{folder} has no {CONFIG_FILE}: not a Hugging Face model folder")
+
+
+def read_hf_config(folder: str) -> dict[str, Any]:
+    """config.json as a dict (ValueError if absent or not JSON)."""
+    _check_is_hf_folder(folder)
+    path = os.path.join(folder, CONFIG_FILE)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return config
+
+
+def tokenizer_path(folder: str) -> str | None:
+    """Path of the folder's tokenizer.json, or None."""
+    path = os.path.join(folder, "tokenizer.json")
+    return path if os.path.isfile(path) else None
+
+
+def _is_weight_file(name: str) -> bool:
+    # params.json is the config of Mistral's consolidated.* weights (its own n_kv_heads): stale too.
+    return (name.endswith(_WEIGHT_SUFFIXES) or name.startswith("consolidated")
+            or name.endswith(".index.json") or name == "params.json")
+
+
+def weight_tensors(folder: str) -> tuple[dict[str, TensorInfo], list[str], dict[str, Any] | None]:
+    """The folder's safetensors tensors, checked: ({name: TensorInfo}, shard file names, index metadata).
+
+    Reads model.safetensors.index.json when present (every listed shard must exist and hold exactly
+    the tensors the index assigns to it), else model.safetensors. Other weight formats are refused.
+    """
+    index_path = os.path.join(folder, WEIGHTS_INDEX)
+    index_meta = None
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path) as f:
+                index = json.load(f)
+            weight_map = index["weight_map"]
+            index_meta = index.get("metadata") or {}
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index_path} is not a valid index ({e!r})") from None
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if os.path.basename(name) != name:
+                raise ValueError(f"{index_path} names a shard outside the folder: {name!r}")
+            if not os.path.isfile(os.path.join(folder, name)):
+                raise ValueError(f"shard {name} listed in {WEIGHTS_INDEX} is missing from {folder}")
+    elif os.path.isfile(os.path.join(folder, WEIGHTS_FILE)):
+        files, weight_map = [WEIGHTS_FILE], None
+    else:
+        others = sorted(n for n in os.listdir(folder) if _is_weight_file(n))
+        found = f" (found {', '.join(others)}; only safetensors weights are supported)" if others else ""
+        raise ValueError(f"{folder} has no {WEIGHTS_FILE} or {WEIGHTS_INDEX}{found}")
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        infos, _ = read_safetensors_header(os.path.join(folder, file))
+        for info in infos:
+            if weight_map is not None and info.name not in weight_map:
+                raise ValueError(f"tensor {info.name} is in {file} but not listed in {WEIGHTS_INDEX}")
+            if weight_map is not None and weight_map[info.name] != file:
+                raise ValueError(f"tensor {info.name} is in {file} but {WEIGHTS_INDEX} "
+                                 f"places it in {weight_map[info.name]}")
+            if info.name in tensors:
+                raise ValueError(f"tensor {info.name} appears in more than one shard")
+            tensors[info.name] = info
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(tensors))
+        if absent:
+            raise ValueError(f"{WEIGHTS_INDEX} lists tensor {absent[0]} but {weight_map[absent[0]]} "
+                             "does not hold it")
+    return tensors, files, index_meta
+
+
+def check_output_path(input_path: str, output_path: str, overwrite: bool) -> None:
+    """Refuses output == input, output inside input, an existing output without `overwrite`, and
+    (with overwrite) an output that contains the input, which replacing would delete."""
+    src, dst = os.path.realpath(input_path), os.path.realpath(output_path)
+    if src == dst:
+        raise ValueError(f"output {output_path} is the input: write the converted model elsewhere")
+    if dst.startswith(src + os.sep):
+        raise ValueError(f"output {output_path} is inside the input {input_path}")
+    if os.path.lexists(output_path):
+        if not overwrite:
+            raise ValueError(f"output {output_path} already exists (pass --overwrite to replace it)")
+        if src.startswith(dst + os.sep):
+            raise ValueError(f"output {output_path} contains the input {input_path}; "
+                             "replacing it would delete the input")
+
+
+@contextlib.contextmanager
+def atomic_folder(output: str, overwrite: bool = False) -> Iterator[str]:
+    """Yields a fresh temporary folder beside `output`; on success it is renamed to `output`
+    (replacing an existing one only with `overwrite`), on any error it is deleted, together with
+    any parent folders this created."""
+    output = os.path.abspath(output)
+    parent, name = os.path.split(output)
+    created = parent
+    while not os.path.exists(os.path.dirname(created)):
+        created = os.path.dirname(created)
+    created = None if os.path.exists(parent) else created
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.lexists(output):
+            if not overwrite:
+                raise ValueError(f"output {output} already exists (pass --overwrite to replace it)")
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.rename(output, os.path.join(old, name))
+            os.rename(tmp, output)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _converter_version() -> str:
+    try:
+        from importlib.metadata import version  # noqa: PLC0415
+
+        return f"gqa_uptrain {version('gqa_uptrain')}"
+    except Exception:  # noqa: BLE001 (not installed: running from a source tree)
+        return "gqa_uptrain (source tree)"
+
+
+# ============================================================================ config.json -> layout
+
+
+@dataclasses.dataclass(frozen=True)
+class HFLayout:
+    """What config.json says about the tensors of a Llama-family folder."""
+
+    architecture: str
+    num_layers: int
+    d_model: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    vocab_size: int
+    tie_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{HF tensor name: shape} of every tensor the folder must hold (lm_head only when untied)."""
+        d, h, f = self.d_model, self.head_dim, self.mlp_dim
+        shapes = {"model.embed_tokens.weight": (self.vocab_size, d), "model.norm.weight": (d,)}
+        if not self.tie_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, d)
+        for i in range(self.num_layers):
+            p = f"model.layers.{i}."
+            shapes[p + "input_layernorm.weight"] = (d,)
+            shapes[p + "post_attention_layernorm.weight"] = (d,)
+            for kind, heads in (("q", self.num_heads), ("k", self.num_kv_heads),
+                                ("v", self.num_kv_heads)):
+                shapes[p + f"self_attn.{kind}_proj.weight"] = (heads * h, d)
+                if self.qkv_bias:
+                    shapes[p + f"self_attn.{kind}_proj.bias"] = (heads * h,)
+            shapes[p + "self_attn.o_proj.weight"] = (d, self.num_heads * h)
+            if self.o_bias:
+                shapes[p + "self_attn.o_proj.bias"] = (d,)
+            shapes[p + "mlp.gate_proj.weight"] = (f, d)
+            shapes[p + "mlp.up_proj.weight"] = (f, d)
+            shapes[p + "mlp.down_proj.weight"] = (d, f)
+            if self.mlp_bias:
+                shapes[p + "mlp.gate_proj.bias"] = (f,)
+                shapes[p + "mlp.up_proj.bias"] = (f,)
+                shapes[p + "mlp.down_proj.bias"] = (d,)
+        return shapes
+
+
+def _int_field(config: dict, key: str) -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"config.json: {key}={value!r} (expected a positive integer)")
+    return value
+
+
+def hf_layout(config: dict[str, Any]) -> HFLayout:
+    """Reads config.json's architecture and sizes; refuses unsupported architectures by name."""
+    archs = config.get("architectures") or []
+    if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
+        named = ", ".join(map(str, archs)) or f"model_type={config.get('model_type')!r}"
+        raise ValueError(f"architecture {named} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    arch = archs[0]
+    if config.get("quantization_config"):
+        raise ValueError("quantization_config: quantized checkpoints are not supported (their K/V "
+                         "weights are packed and cannot be pooled)")
+    num_heads = _int_field(config, "num_attention_heads")
+    num_kv_heads = config.get("num_key_value_heads")
+    num_kv_heads = num_heads if num_kv_heads is None else _int_field(config, "num_key_value_heads")
+    d_model = _int_field(config, "hidden_size")
+    head_dim = config.get("head_dim")
+    if head_dim is None:
+        if d_model % num_heads:
+            raise ValueError(f"config.json: hidden_size={d_model} is not divisible by "
+                             f"num_attention_heads={num_heads} and head_dim is not set")
+        head_dim = d_model // num_heads
+    else:
+        head_dim = _int_field(config, "head_dim")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"config.json: num_attention_heads={num_heads} is not divisible by "
+                         f"num_key_value_heads={num_kv_heads}")
+    family = SUPPORTED_ARCHITECTURES[arch]
+    attention_bias = bool(config.get("attention_bias", False)) if family == "llama" else False
+    return HFLayout(
+        architecture=arch,
+        num_layers=_int_field(config, "num_hidden_layers"),
+        d_model=d_model,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        mlp_dim=_int_field(config, "intermediate_size"),
+        vocab_size=_int_field(config, "vocab_size"),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        # Qwen2 always has q/k/v biases and no o bias; Llama's attention_bias covers all four.
+        qkv_bias=family == "qwen2" or attention_bias,
+        o_bias=attention_bias,
+        mlp_bias=bool(config.get("mlp_bias", False)) if family == "llama" else False,
+    )
+
+
+def check_tensors(tensors: dict[str, Any], layout: HFLayout) -> list[str]:
+    """Checks tensor names and shapes against config.json; returns the recognised buffers to drop.
+
+    tensors: {HF name: anything with .shape}. A tied lm_head.weight is tolerated (transformers
+    ties it anyway). Raises ValueError naming the first missing or unexpected tensor, or a shape
+    that disagrees with config.json.
+    """
+    expected = layout.expected_shapes()
+    buffers = sorted(n for n in tensors if _BUFFER.search(n))
+    optional = {"lm_head.weight": (layout.vocab_size, layout.d_model)} if layout.tie_embeddings else {}
+    def more(names):
+        return f"; {len(names) - 1} more" if len(names) > 1 else ""
+
+    missing = sorted(set(expected) - set(tensors), key=_natural_key)
+    if missing:
+        raise ValueError(f"missing tensor {missing[0]} (config.json implies it{more(missing)})")
+    unexpected = sorted(set(tensors) - set(expected) - set(optional) - set(buffers), key=_natural_key)
+    if unexpected:
+        raise ValueError(f"unexpected tensor {unexpected[0]} (not part of a {layout.architecture} "
+                         f"with this config.json{more(unexpected)})")
+    for name, shape in {**expected, **optional}.items():
+        if name in tensors and tuple(tensors[name].shape) != shape:
+            raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)} but config.json "
+                             f"implies {shape}")
+    return buffers
+
+
+def _natural_key(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+_KV_TENSOR = re.compile(r"^model\.layers\.\d+\.self_attn\.[kv]_proj\.(weight|bias)$")
+
+
+def _hf_dtype_name(config: dict[str, Any], fallback: str) -> str:
+    name = config.get("dtype") or config.get("torch_dtype")
+    return name if name in ("float32", "bfloat16", "float16") else fallback
+
+
+# ============================================================================ HF -> HF (streaming)
+
+
+def convert_hf_folder(input_folder: str, output_folder: str, num_kv_heads: int,
+                      method: str = "mean", seed: int = 0, *, overwrite: bool = False) -> dict[str, Any]:
+    """Converts a Hugging Face folder to num_kv_heads KV heads, one tensor in memory at a time.
+
+    Same architecture and shard layout (shards keep their names; sizes shrink only by the pooled K/V);
+    config.json is edited (num_key_value_heads only, every other field kept as written); tensors are
+    written header-first with {"format": "pt"} and checked with safe_open; tokenizer, generation and
+    other non-weight files at the top of the folder are copied; `gqa_conversion.json` records the
+    provenance. 'random' draws N(0, initializer_range) (HF's init; 0.02 when unset) per tensor name.
+    The output is written to a temporary folder beside `output_folder` and renamed when complete.
+    Returns a summary dict (see convert.py).
+    """
+    if method not in pooling.METHODS:
+        raise ValueError(f"method={method!r} is not one of {pooling.METHODS}")
+    config = read_hf_config(input_folder)
+    check_output_path(input_folder, output_folder, overwrite)
+    layout = hf_layout(config)
+    pooling.check_num_kv_heads(layout.num_kv_heads, num_kv_heads)
+    tensors, files, index_meta = weight_tensors(input_folder)
+    dropped = check_tensors(tensors, layout)
+    for name in tensors:
+        if _KV_TENSOR.match(name) and tensors[name].dtype not in _DTYPE_NAMES:
+            raise ValueError(f"tensor {name} has dtype {tensors[name].dtype}; pooling needs "
+                             f"one of {sorted(_DTYPE_NAMES)}")
+    new_layout = dataclasses.replace(layout, num_kv_heads=num_kv_heads)
+    new_shapes = new_layout.expected_shapes()
+    init_std = float(config.get("initializer_range") or 0.02)
+    head_dim = layout.head_dim
+
+    weight_map: dict[str, str] = {}
+    total_size = total_params = 0
+    copied, not_copied = [], []
+    with atomic_folder(output_folder, overwrite) as tmp:
+        for file in files:
+            infos = [t for t in tensors.values()
+                     if os.path.basename(t.path) == file and t.name not in dropped]
+            entries = [(t.name, t.dtype, new_shapes.get(t.name, t.shape)) for t in infos]
+            if not entries:  # a shard that held only dropped buffers
+                continue
+            out_path = os.path.join(tmp, file)
+            with SafetensorsWriter(out_path, entries, {"format": "pt"}) as writer:
+                for info, (_, _, shape) in zip(infos, entries):
+                    if _KV_TENSOR.match(info.name):
+                        w = read_tensor(info)
+                        is_bias = info.name.endswith(".bias")
+                        heads = w.reshape((-1, head_dim) if is_bias else (-1, head_dim, layout.d_model))
+                        pooled = pooling.pool_kv_heads(
+                            heads, num_kv_heads, method, head_axis=0,
+                            seed=pooling.tensor_seed(seed, info.name), init_std=init_std,
+                            is_bias=is_bias)
+                        writer.write(info.name, pooled.reshape(shape))
+                        del w, heads, pooled
+                    else:
+                        writer.copy_from(info)
+                    weight_map[info.name] = file
+                    total_size += math.prod(shape) * _DTYPE_SIZES[info.dtype]
+                    total_params += math.prod(shape)
+            verify_safetensors(out_path, entries)
+        if index_meta is not None:
+            meta = dict(index_meta)
+            meta["total_size"] = total_size
+            if "total_parameters" in meta:
+                meta["total_parameters"] = total_params
+            _write_json(os.path.join(tmp, WEIGHTS_INDEX),
+                        {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))})
+        new_config = dict(config)
+        new_config["num_key_value_heads"] = num_kv_heads
+        _write_json(os.path.join(tmp, CONFIG_FILE), new_config)
+        previous = None
+        for entry in sorted(os.listdir(input_folder)):
+            src = os.path.join(input_folder, entry)
+            if entry == PROVENANCE_FILE:  # an earlier conversion: chained, not copied
+                try:
+                    with open(src) as f:
+                        previous = json.load(f)
+                except ValueError:
+                    previous = f"unreadable {PROVENANCE_FILE}"
+            elif entry in (CONFIG_FILE, WEIGHTS_INDEX) or entry in files:
+                continue  # rewritten above
+            elif entry.startswith(".") or _is_weight_file(entry) or not os.path.isfile(src):
+                not_copied.append(entry)
+            else:
+                shutil.copy2(src, os.path.join(tmp, entry))
+                copied.append(entry)
+        provenance = {
+            "converted_from": os.path.abspath(input_folder),
+            "converter": _converter_version(),
+            "method": method,
+            "seed": seed,
+            "num_kv_heads_before": layout.num_kv_heads,
+            "num_kv_heads_after": num_kv_heads,
+            "dropped_tensors": dropped,
+        }
+        if previous is not None:
+            provenance["previous"] = previous
+        _write_json(os.path.join(tmp, PROVENANCE_FILE), provenance)
+
+    k_dtype = tensors["model.layers.0.self_attn.k_proj.weight"].dtype
+    cache_dtype = _hf_dtype_name(config, _DTYPE_NAMES[k_dtype])
+    return {
+        "input_format": "hf", "output_format": "hf", "architecture": layout.architecture,
+        "num_layers": layout.num_layers, "num_heads": layout.num_heads,
+        "num_kv_heads_before": layout.num_kv_heads, "num_kv_heads_after": num_kv_heads,
+        "head_dim": layout.head_dim, "d_model": layout.d_model, "kv_bias": layout.qkv_bias,
+        "cache_dtype": cache_dtype, "method": method, "seed": seed,
+        "dropped_tensors": dropped, "copied_files": copied, "not_copied": not_copied,
+    }
+
+
+# ============================================================================ import: HF -> params
+
+
+def _rope_from_hf(config: dict[str, Any]) -> tuple[float, tuple | None]:
+    """(rope_theta, ModelConfig.rope_scaling) from either config layout; refuses what the model lacks.
+
+    Newer transformers (5.x) write `rope_parameters` {'rope_theta', 'rope_type', ...}; older ones
+    `rope_theta` plus `rope_scaling` {'type' or 'rope_type', 'factor', ...}.
+    """
+    from gqa_uptrain.model import ROPE_SCALING_TYPES  # noqa: PLC0415
+
+    params = config.get("rope_parameters")
+    if params is None:
+        params = dict(config.get("rope_scaling") or {})
+        params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    params = dict(params)
+    if "type" in params:
+        params.setdefault("rope_type", params.pop("type"))
+    theta = float(params.pop("rope_theta", config.get("rope_theta", 10000.0)))
+    kind = params.pop("rope_type", "default")
+    partial = params.pop("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"partial_rotary_factor={partial} is not supported by this project's model")
+    if kind == "default":
+        return theta, None
+    if kind not in ROPE_SCALING_TYPES:
+        raise ValueError(f"rope type {kind!r} is not supported by this project's model "
+                         f"(supported: default, {', '.join(ROPE_SCALING_TYPES)})")
+    needed = {"linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                         "original_max_position_embeddings")}[kind]
+    absent = [k for k in needed if params.get(k) is None]
+    if absent:
+        raise ValueError(f"rope type {kind!r} needs {', '.join(absent)} in config.json")
+    extra = sorted(k for k in params if k not in needed and params[k] is not None)
+    if extra:
+        raise ValueError(f"rope parameter {extra[0]} (rope type {kind!r}) is not supported by "
+                         "this project's model")
+    scaling = {k: params[k] for k in needed}
+    scaling["rope_type"] = kind
+    return theta, tuple(sorted(scaling.items()))
+
+
+def model_config_from_hf(hf_config: dict[str, Any]) -> "ModelConfig":
+    """This project's ModelConfig for a Llama-family config.json dict.
+
+    Refuses, naming the feature, what the model does not implement: sliding windows (Mistral
+    `sliding_window` set, Qwen2 `use_sliding_window`), `mlp_bias`, activations other than silu,
+    rope types other than default/linear/llama3, partial rotary embeddings. param_dtype and dtype
+    are config.json's `dtype` (or `torch_dtype`), float32 when absent; load_hf_model follows the
+    tensors instead when they disagree.
+    """
+    from gqa_uptrain.model import ModelConfig  # noqa: PLC0415
+
+    layout = hf_layout(hf_config)
+    family = SUPPORTED_ARCHITECTURES[layout.architecture]
+    act = hf_config.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act={act!r} is not supported by this project's model (silu only)")
+    if layout.mlp_bias:
+        raise ValueError("mlp_bias=True is not supported by this project's model")
+    if family == "mistral" and hf_config.get("sliding_window") is not None:
+        raise ValueError(f"sliding_window={hf_config['sliding_window']} is not supported by this "
+                         "project's model (full causal attention only); the HF -> HF conversion "
+                         "does support it")
+    if family == "qwen2" and (hf_config.get("use_sliding_window")
+                              or "sliding_attention" in (hf_config.get("layer_types") or [])):
+        raise ValueError("use_sliding_window=True is not supported by this project's model "
+                         "(full causal attention only); the HF -> HF conversion does support it")
+    theta, scaling = _rope_from_hf(hf_config)
+    dtype = _hf_dtype_name(hf_config, "float32")
+    return ModelConfig(
+        vocab_size=layout.vocab_size, d_model=layout.d_model, num_layers=layout.num_layers,
+        num_heads=layout.num_heads, num_kv_heads=layout.num_kv_heads, mlp_dim=layout.mlp_dim,
+        head_dim=layout.head_dim, rope_theta=theta, rope_scaling=scaling,
+        norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=layout.tie_embeddings, qkv_bias=layout.qkv_bias, o_bias=layout.o_bias,
+        param_dtype=dtype, dtype=dtype)
+
+
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_LAYER_NAMES = {  # HF suffix -> project suffix
+    "input_layernorm.weight": "attn_norm.scale",
+    "post_attention_layernorm.weight": "mlp_norm.scale",
+    "self_attn.q_proj.weight": "attn.q_proj", "self_attn.k_proj.weight": "attn.k_proj",
+    "self_attn.v_proj.weight": "attn.v_proj", "self_attn.o_proj.weight": "attn.o_proj",
+    "self_attn.q_proj.bias": "attn.q_bias", "self_attn.k_proj.bias": "attn.k_bias",
+    "self_attn.v_proj.bias": "attn.v_bias", "self_attn.o_proj.bias": "attn.o_bias",
+    "mlp.gate_proj.weight": "mlp.gate_proj", "mlp.up_proj.weight": "mlp.up_proj",
+    "mlp.down_proj.weight": "mlp.down_proj",
+}
+_TOP_NAMES = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm.scale",
+              "lm_head.weight": "lm_head"}
+_PROJECT_TO_HF_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
+_PROJECT_TO_HF_TOP = {v: k for k, v in _TOP_NAMES.items()}
+
+
+def _project_name(hf_name: str) -> str:
+    if hf_name in _TOP_NAMES:
+        return _TOP_NAMES[hf_name]
+    m = _HF_LAYER.match(hf_name)
+    return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+
+
+def _hf_name(project_name: str) -> str:
+    if project_name in _PROJECT_TO_HF_TOP:
+        return _PROJECT_TO_HF_TOP[project_name]
+    _, i, rest = project_name.split(".", 2)
+    return f"model.layers.{i}.{_PROJECT_TO_HF_LAYER[rest]}"
+
+
+def _to_project(project_name: str, w: np.ndarray, d_model: int, head_dim: int) -> np.ndarray:
+    """HF tensor -> this project's layout (a view: transposes and reshapes only, hence lossless)."""
+    suffix = project_name.rsplit(".", 1)[-1]
+    if suffix in ("q_proj", "k_proj", "v_proj"):  # [n*H, D] -> [D, n, H]
+        return w.T.reshape(d_model, -1, head_dim)
+    if suffix == "o_proj":  # [D, N*H] -> [N, H, D]
+        return w.T.reshape(-1, head_dim, d_model)
+    if suffix in ("q_bias", "k_bias", "v_bias"):  # [n*H] -> [n, H]
+        return w.reshape(-1, head_dim)
+    if suffix in ("lm_head", "gate_proj", "up_proj", "down_proj"):
+        return w.T
+    return w
+
+
+def _to_hf(project_name: str, p: np.ndarray, d_model: int) -> np.ndarray:
+    """Inverse of _to_project."""
+    suffix = project_name.rsplit(".", 1)[-1]
+    if suffix in ("q_proj", "k_proj", "v_proj"):  # [D, n, H] -> [n*H, D]
+        return p.reshape(d_model, -1).T
+    if suffix == "o_proj":  # [N, H, D] -> [D, N*H]
+        return p.reshape(-1, d_model).T
+    if suffix in ("q_bias", "k_bias", "v_bias"):
+        return p.reshape(-1)
+    if suffix in ("lm_head", "gate_proj", "up_proj", "down_proj"):
+        return p.T
+    return p
+
+
+def load_hf_model(folder: str) -> tuple[dict[str, np.ndarray], "ModelConfig"]:
+    """Imports a Hugging Face folder as (this project's flat params as numpy arrays, ModelConfig).
+
+    Values are bit-exact (layout changes only). param_dtype/dtype follow the tensors: all floating
+    tensors must share one dtype, else the narrower ones are widened (lossless) to the widest.
+    A tied folder's redundant lm_head.weight and rotary buffers are dropped. Refuses unsupported
+    features by name (model_config_from_hf) and tensors that disagree with config.json.
+    """
+    hf_config = read_hf_config(folder)
+    config = model_config_from_hf(hf_config)
+    layout = hf_layout(hf_config)
+    tensors, _, _ = weight_tensors(folder)
+    dropped = set(check_tensors(tensors, layout))
+    if layout.tie_embeddings:
+        dropped.add("lm_head.weight")
+    keep = [t for n, t in tensors.items() if n not in dropped]
+    order = {"F16": 0, "BF16": 0, "F32": 1, "F64": 2}
+    bad = sorted({t.dtype for t in keep} - set(order))
+    if bad:
+        raise ValueError(f"tensor dtype {bad[0]} cannot be imported (floating point only)")
+    widest = max((t.dtype for t in keep), key=lambda d: order[d])
+    if widest == "F64":
+        raise ValueError("float64 tensors cannot be imported (the model keeps float32 at most)")
+    dtypes = {t.dtype for t in keep}
+    if len(dtypes) > 1 and widest != "F32":
+        raise ValueError(f"tensors mix dtypes {sorted(dtypes)}; cannot import them losslessly")
+    param_dtype = _DTYPE_NAMES[widest]
+    config = config.replace(param_dtype=param_dtype, dtype=param_dtype)
+    params = {}
+    for info in keep:
+        name = _project_name(info.name)
+        w = read_tensor(info).astype(_numpy_dtype(widest), copy=False)
+        params[name] = np.ascontiguousarray(_to_project(name, w, layout.d_model, layout.head_dim))
+    return params, config
+
+
+# ============================================================================ export: params -> HF
+
+
+def _architecture_for(config: "ModelConfig", base: dict[str, Any] | None) -> str:
+    if config.o_bias and not config.qkv_bias:
+        raise ValueError("o_bias without qkv_bias has no Llama-family equivalent in transformers")
+    base_arch = ((base or {}).get("architectures") or [None])[0]
+    if config.qkv_bias and not config.o_bias:
+        return "Qwen2ForCausalLM"
+    if config.qkv_bias:  # Llama's attention_bias puts a bias on q, k, v and o
+        return "LlamaForCausalLM"
+    if base_arch in SUPPORTED_ARCHITECTURES and base_arch != "Qwen2ForCausalLM":
+        return base_arch  # keep Mistral a Mistral
+    return "LlamaForCausalLM"
+
+
+def hf_config_from_model_config(config: "ModelConfig", *, base: dict[str, Any] | None = None,
+                                max_position_embeddings: int = 2048) -> dict[str, Any]:
+    """A transformers config.json dict for this project's ModelConfig.
+
+    Architecture: Qwen2 when qkv_bias without o_bias, else Llama (with attention_bias when there
+    are biases), or the base's Mistral. `base` (e.g. the config.json the model was imported from)
+    keeps every field this does not set — token ids, max_position_embeddings, rope layout: a base
+    written with `rope_theta`/`rope_scaling` keeps that layout, else `rope_parameters` (what
+    transformers 5.x writes). Without a base, bos/eos/pad token ids are null (byte-level models
+    have none).
+    """
+    arch = _architecture_for(config, base)
+    family = SUPPORTED_ARCHITECTURES[arch]
+    base_family = SUPPORTED_ARCHITECTURES.get(((base or {}).get("architectures") or [None])[0])
+    out: dict[str, Any] = copy.deepcopy(base) if base and base_family == family else {}
+    if base and base_family != family:  # a different class: keep only the family-neutral fields
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings",
+                    "initializer_range"):
+            if key in base:
+                out[key] = base[key]
+    if not base:
+        out.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    out.setdefault("max_position_embeddings", max_position_embeddings)
+    out.update(
+        architectures=[arch], model_type=family, vocab_size=config.vocab_size,
+        hidden_size=config.d_model, intermediate_size=config.mlp_dim,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim, hidden_act="silu",
+        rms_norm_eps=config.norm_eps, tie_word_embeddings=config.tie_embeddings,
+        dtype=config.param_dtype, attention_dropout=0.0, use_cache=True)
+    out.pop("torch_dtype", None)
+    if family == "llama":
+        out.update(attention_bias=config.qkv_bias, mlp_bias=False)
+    elif family == "mistral":
+        out["sliding_window"] = None
+    else:
+        out["use_sliding_window"] = False
+        out.setdefault("sliding_window", None)  # ignored by transformers without use_sliding_window
+        if len(out.get("layer_types") or []) != config.num_layers:
+            out.pop("layer_types", None)  # transformers rebuilds it (all full attention)
+    scaling = dict(config.rope_scaling) if config.rope_scaling else None
+    if base and "rope_parameters" not in base and ("rope_theta" in base or "rope_scaling" in base):
+        out["rope_theta"] = config.rope_theta
+        out["rope_scaling"] = scaling
+    else:
+        out.pop("rope_theta", None)
+        out.pop("rope_scaling", None)
+        out["rope_parameters"] = {"rope_theta": config.rope_theta, "rope_type": "default",
+                                  **(scaling or {})}
+    return out
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table that tokenizers' ByteLevel pre-tokenizer uses."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def write_byte_tokenizer(folder: str, model_max_length: int = 2048) -> None:
+    """Writes tokenizer.json + tokenizer_config.json for this project's byte-level tokenizer:
+    token id = byte value 0..255, no merges, no special tokens (ids >= 256 of a larger vocab are
+    unused by it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
+
+    table = _bytes_to_unicode()
+    tok = Tokenizer(models.BPE(vocab={table[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    _write_json(os.path.join(folder, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False, "add_prefix_space": False})
+
+
+def export_hf(params: dict[str, Any], config: "ModelConfig", out_folder: str, *,
+              tokenizer_folder: str | None = None, base_hf_config: dict[str, Any] | None = None,
+              byte_tokenizer: bool | None = None, provenance: dict[str, Any] | None = None,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> list[str]:
+    """Writes this project's params as a transformers folder (LlamaForCausalLM, or Qwen2ForCausalLM
+    when qkv_bias without o_bias; see hf_config_from_model_config). Bit-exact: tensors keep their
+    dtype and values. Returns the written file names.
+
+    tokenizer_folder: copy its tokenizer (and generation_config.json) files. Otherwise a byte-level
+    tokenizer.json is written when byte_tokenizer is True, or when it is None, there is no
+    base_hf_config (i.e. a model trained here, on bytes) and vocab_size >= 256. Shards of at most
+    max_shard_bytes (one tensor may exceed it) with model.safetensors.index.json when more than one.
+    Written to a temporary folder beside out_folder and renamed when complete.
+    """
+    from gqa_uptrain.model import abstract_params, check_params_match  # noqa: PLC0415
+
+    hf_config = hf_config_from_model_config(config, base=base_hf_config)
+    check_params_match(abstract_params(config), params, what="params to export")
+    if os.path.lexists(out_folder) and not overwrite:
+        raise ValueError(f"output {out_folder} already exists (pass --overwrite to replace it)")
+    if byte_tokenizer is None:
+        byte_tokenizer = (tokenizer_folder is None and base_hf_config is None
+                          and config.vocab_size >= 256)
+    if byte_tokenizer and config.vocab_size < 256:
+        raise ValueError(f"vocab_size={config.vocab_size} < 256: no byte-level tokenizer fits")
+    names = sorted((_hf_name(n) for n in params), key=_natural_key)
+    to_project = {_hf_name(n): n for n in params}
+
+    def tensor(hf_name):
+        p = np.asarray(params[to_project[hf_name]])
+        return np.ascontiguousarray(_to_hf(to_project[hf_name], p, config.d_model))
+
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        nbytes = np.asarray(params[to_project[name]]).nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    files = ([WEIGHTS_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    written = []
+    with atomic_folder(out_folder, overwrite) as tmp:
+        weight_map, total_size = {}, 0
+        for file, shard in zip(files, shards):
+            arrays = {n: tensor(n) for n in shard}
+            entries = [(n, _safetensors_dtype(a.dtype), a.shape) for n, a in arrays.items()]
+            with SafetensorsWriter(os.path.join(tmp, file), entries, {"format": "pt"}) as writer:
+                for n, a in arrays.items():
+                    writer.write(n, a)
+                    weight_map[n] = file
+                    total_size += a.nbytes
+            verify_safetensors(os.path.join(tmp, file), entries)
+            written.append(file)
+        if len(files) > 1:
+            _write_json(os.path.join(tmp, WEIGHTS_INDEX), {
+                "metadata": {"total_size": total_size,
+                             "total_parameters": int(sum(np.size(p) for p in params.values()))},
+                "weight_map": weight_map})
+            written.append(WEIGHTS_INDEX)
+        _write_json(os.path.join(tmp, CONFIG_FILE), hf_config)
+        written.append(CONFIG_FILE)
+        if tokenizer_folder is not None:
+            if os.path.isfile(tokenizer_folder):  # a tokenizer.json given directly
+                shutil.copy2(tokenizer_folder, os.path.join(tmp, "tokenizer.json"))
+                written.append("tokenizer.json")
+            else:
+                found = [f for f in TOKENIZER_FILES
+                         if os.path.isfile(os.path.join(tokenizer_folder, f))]
+                if not any(f != "generation_config.json" for f in found):
+                    raise ValueError(f"tokenizer folder {tokenizer_folder} holds no tokenizer files")
+                for f in found:
+                    shutil.copy2(os.path.join(tokenizer_folder, f), os.path.join(tmp, f))
+                written += found
+        elif byte_tokenizer:
+            write_byte_tokenizer(tmp, hf_config["max_position_embeddings"])
+            written += ["tokenizer.json", "tokenizer_config.json"]
+        if provenance is not None:
+            _write_json(os.path.join(tmp, PROVENANCE_FILE), provenance)
+            written.append(PROVENANCE_FILE)
+    return written
