@@ -1,0 +1,140 @@
+"""Speed measurement shared by the benchmarks and the experiment suite.
+
+- The machine's limits, measured in the same run as what they judge: memory bandwidth as a read-only
+  reduction over a buffer much larger than the last-level cache, peak FLOP/s as a large matmul.
+- A bytes/FLOPs model of one decode step (all layers, KV cache of `context` tokens), and its
+  roofline time max(bytes / bandwidth, flops / peak).
+- `measure_decode`: ms per token of this project's decode step, variants alternated, median of
+  repeats. The experiment suite's speed numbers come from this one function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gqa_uptrain import model as model_lib
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s of a read-only float32 sum over `num_bytes` (default 1 GiB, >> any LLC here)."""
+    buf = jnp.ones((num_bytes // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    jax.block_until_ready(total(buf))
+    seconds = _median_seconds(lambda: total(buf), repeats)
+    del buf
+    return num_bytes / seconds
+
+
+def measure_peak_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+    """FLOP/s of an n×n×n matmul (2·n³ FLOPs), the practical peak of this device and dtype."""
+    a = jnp.ones((n, n), dtype)
+    b = jnp.ones((n, n), dtype)
+    mm = jax.jit(jnp.matmul)
+    jax.block_until_ready(mm(a, b))
+    return 2 * n ** 3 / _median_seconds(lambda: mm(a, b), repeats)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeCost:
+    """Bytes moved and FLOPs of one decode step (one new token for each of `batch` sequences)."""
+
+    weight_bytes: int  # every weight read once (the embedding: only the batch's rows)
+    kv_read_bytes: int  # the whole valid cache, K and V, all layers
+    kv_write_bytes: int  # the new token's K and V, all layers
+    flops: int  # matmuls: 2 · batch · (non-embedding params) + attention 4 · layers · batch · heads · context · head_dim
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_read_bytes + self.kv_write_bytes
+
+    def roofline_seconds(self, bandwidth: float, peak_flops: float) -> float:
+        return max(self.total_bytes / bandwidth, self.flops / peak_flops)
+
+
+def decode_cost(config: model_lib.ModelConfig, batch: int, context: int,
+                cache_dtype=None) -> DecodeCost:
+    """The bytes/FLOPs model of one decode step at `context` cached tokens (see DecodeCost)."""
+    c = config
+    param_bytes = jnp.dtype(c.param_dtype).itemsize
+    params = model_lib.abstract_params(c)
+    total = model_lib.count_params(params)
+    embed = int(np.prod(params["embed"].shape))
+    # A step gathers `batch` rows of the embedding; a tied embedding is also read whole as the head.
+    read_embed = batch * c.d_model + (embed if c.tie_embeddings else 0)
+    weight_bytes = (total - embed + read_embed) * param_bytes
+    per_token = model_lib.kv_cache_bytes_per_token(c, cache_dtype)  # 2 · layers · kv_heads · head_dim · bytes
+    # Every non-embedding weight is one multiply-add per sequence; a tied embedding is the head too.
+    matmul_params = total - embed + (embed if c.tie_embeddings else 0)
+    flops = 2 * batch * matmul_params + 4 * c.num_layers * batch * c.num_heads * context * c.head_dim
+    return DecodeCost(weight_bytes=int(weight_bytes), kv_read_bytes=int(batch * context * per_token),
+                      kv_write_bytes=int(batch * per_token), flops=int(flops))
+
+
+def decode_step_setup(config: model_lib.ModelConfig, batch: int, context: int, *, seed: int = 0,
+                      cache_dtype=None, implementation: str = "auto"):
+    """A model with random weights and a cache holding `context` tokens; returns a no-arg step.
+
+    The cache is filled with random values directly (no prefill: only its size matters for speed),
+    and every call decodes one token at position `context`, reusing the same cache slot, so repeated
+    calls measure the same step.
+    """
+    model = model_lib.build_model(config, seed=seed)
+    step = model_lib.decode_fn(model, implementation)
+    cache = model.init_cache(batch, context + 1, cache_dtype)
+    keys = jax.random.split(jax.random.PRNGKey(seed), 2 * config.num_layers)
+    fill = lambda key, like: jax.random.normal(key, like.shape, like.dtype)
+    cache = cache._replace(
+        k=tuple(fill(keys[i], a) for i, a in enumerate(cache.k)),
+        v=tuple(fill(keys[config.num_layers + i], a) for i, a in enumerate(cache.v)),
+        lengths=jnp.full((batch,), context, jnp.int32))
+    tokens = jnp.zeros((batch, 1), jnp.int32)
+    state = {"cache": cache}
+
+    def run():
+        logits, new_cache = step(tokens, state["cache"])
+        # Rewind so the next call writes the same slot (the cache was donated and updated in place).
+        state["cache"] = new_cache._replace(lengths=new_cache.lengths - 1)
+        return logits
+
+    jax.block_until_ready(run())  # compile
+    return run
+
+
+def measure_decode(variants: Sequence[tuple[str, Callable[[], object]]], repeats: int = 5,
+                   warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each named no-arg step, variants alternated round-robin.
+
+    Alternating spreads the machine's slow phases over all variants, so their ratios are fair.
+    """
+    for _ in range(warmup):
+        for _, fn in variants:
+            jax.block_until_ready(fn())
+    times: dict[str, list[float]] = {name: [] for name, _ in variants}
+    for _ in range(repeats):
+        for name, fn in variants:
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def decode_ms_per_token(config: model_lib.ModelConfig, batch: int, context: int,
+                        repeats: int = 5, **setup_kw) -> float:
+    """ms for one decode step of `batch` sequences at `context` tokens (median of repeats)."""
+    run = decode_step_setup(config, batch, context, **setup_kw)
+    return measure_decode([("step", run)], repeats=repeats)["step"] * 1e3
