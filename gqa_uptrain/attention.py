@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "reference", "xla")
+IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas")
 KV_LAYOUTS = ("bskd", "bksd")
 
 # Masked logits get a large finite negative value rather than -inf so that a fully masked row (a
@@ -77,6 +77,10 @@ def reference_attention(q, k, v, mask=None, *, kv_layout="bskd"):
     batch, seq_q, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2] if kv_layout == "bskd" else k.shape[1]
     group = q_per_kv(num_heads, num_kv_heads)
+    out_dtype = q.dtype
+    # Low-precision inputs are upcast: the reference is the ground truth (fp32 throughout), and XLA's
+    # CPU dot has no bf16 x bf16 -> f32 kernel for some of these layouts ("DotThunk" error).
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     qg = q.reshape(batch, seq_q, num_kv_heads, group, head_dim)  # [b, t, k, g, d]
     kv_spec = "bskd" if kv_layout == "bskd" else "bksd"
     logits = jnp.einsum(f"btkgd,{kv_spec}->bkgts", qg, k,
@@ -84,10 +88,9 @@ def reference_attention(q, k, v, mask=None, *, kv_layout="bskd"):
     logits = logits * (head_dim ** -0.5)
     if mask is not None:
         logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum(f"bkgts,{kv_spec}->btkgd", probs, v,
-                     preferred_element_type=jnp.float32)  # [b, t, k, g, d]
-    return out.reshape(batch, seq_q, num_heads, head_dim).astype(q.dtype)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum(f"bkgts,{kv_spec}->btkgd", probs, v)  # [b, t, k, g, d]
+    return out.reshape(batch, seq_q, num_heads, head_dim).astype(out_dtype)
 
 
 def _xla_attention(q, k, v, mask):
@@ -98,6 +101,21 @@ def _xla_attention(q, k, v, mask):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
+def _pallas_attention(q, k, v, *, causal, segment_ids, q_offset, kv_lengths, kv_layout):
+    # Imported here: the kernels pull in Pallas, which the other implementations do not need.
+    from gqa_uptrain.kernels import decode_attention, flash_attention  # noqa: PLC0415
+
+    if kv_layout == "bskd" and q_offset is None and kv_lengths is None:
+        return flash_attention.flash_attention(q, k, v, segment_ids, causal=causal)
+    # A KV cache (the model's decode and prefill): the decode kernel, over [b, kv_heads, len, d].
+    if segment_ids is not None:
+        raise ValueError("implementation='pallas' takes segment_ids only for self-attention "
+                         "(kv_layout='bskd' without q_offset/kv_lengths)")
+    if kv_layout == "bskd":
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    return decode_attention.decode_attention(q, k, v, kv_lengths, q_offset, causal=causal)
+
+
 def resolve_implementation(implementation: str, kv_layout: str = "bskd") -> str:
     """Maps 'auto' to a concrete implementation for the current platform and KV layout."""
     if implementation not in IMPLEMENTATIONS:
@@ -105,8 +123,21 @@ def resolve_implementation(implementation: str, kv_layout: str = "bskd") -> str:
     if kv_layout not in KV_LAYOUTS:
         raise ValueError(f"kv_layout={kv_layout!r} is not one of {KV_LAYOUTS}")
     if implementation == "auto":
-        # jax.nn.dot_product_attention only takes the bskd layout; the decode cache is bksd
-        # (measured ~8x faster for MHA decode on CPU), where the grouped einsum is the best we have.
+        platform = jax.default_backend()
+        if platform == "gpu":
+            # 'xla' until the Pallas kernels have been run and timed on a GPU: they pass interpret
+            # mode and lower for CUDA here, but have never executed on a device, and a default must
+            # be known-correct. experiments/gpu_check.sh measures them; switch to "pallas" (for
+            # training and decode) once its table shows them correct and faster.
+            return "xla" if kv_layout == "bskd" else "reference"
+        if platform == "tpu":
+            # Training: splash attention (kernels/tpu.py), the kernel MaxText uses on TPUs.
+            # Decode: the grouped einsum; our TPU decode kernel only passed lowering and TPU
+            # interpret-mode tests and was never timed, so XLA keeps the cache path. Not measured.
+            return "pallas" if kv_layout == "bskd" else "reference"
+        # CPU: 'pallas' would run the kernels in the (slow) interpreter. jax.nn.dot_product_attention
+        # only takes the bskd layout; the decode cache is bksd (measured ~8x faster for MHA decode
+        # on CPU), where the grouped einsum is the best we have.
         return "xla" if kv_layout == "bskd" else "reference"
     if implementation == "xla" and kv_layout != "bskd":
         raise ValueError("implementation='xla' needs kv_layout='bskd' "
@@ -136,8 +167,11 @@ def attention(
       segment_ids: [batch, seq] ints; tokens attend only within their segment (packed documents).
       q_offset: [batch] (or scalar) cache position of the first query, for decoding.
       kv_lengths: [batch] number of valid key/value positions per sequence.
-      implementation: 'reference' (grouped einsum), 'xla' (jax.nn.dot_product_attention) or
-        'auto' (the best for the platform and layout). A run-time choice, never stored.
+      implementation: 'reference' (grouped einsum), 'xla' (jax.nn.dot_product_attention),
+        'pallas' (gqa_uptrain.kernels: flash attention with a Pallas backward for bskd without
+        q_offset/kv_lengths; the split-K decode kernel for the bksd cache or when q_offset or
+        kv_lengths is given — forward only; on CPU both run in interpret mode) or 'auto' (the best
+        for the platform and layout). A run-time choice, never stored.
     Returns:
       [batch, seq_q, num_heads, head_dim] in q's dtype.
     """
@@ -150,6 +184,9 @@ def attention(
     if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
         raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head_dim")
     q_per_kv(q.shape[2], k.shape[head_axis])  # validates the head counts
+    if impl == "pallas":
+        return _pallas_attention(q, k, v, causal=causal, segment_ids=segment_ids,
+                                 q_offset=q_offset, kv_lengths=kv_lengths, kv_layout=kv_layout)
     mask = make_mask(q.shape[1], k.shape[seq_axis], causal=causal, segment_ids=segment_ids,
                      q_offset=q_offset, kv_lengths=kv_lengths)
     if mask is not None:

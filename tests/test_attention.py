@@ -89,3 +89,15 @@ def test_bad_implementation_and_layout_are_named():
     q, k, v = _qkv(4, 2)
     with pytest.raises(ValueError, match="disagree on batch or head_dim"):
         attention(q, k[..., :8], v[..., :8])
+
+
+def test_bf16_cache_layout_runs_and_matches_fp32():
+    # Regression: XLA's CPU dot has no bf16 x bf16 -> f32 kernel for the bksd einsum.
+    q, k, v = _qkv(4, 2, seq_q=1, seq_kv=6, seed=3)
+    kw = dict(q_offset=jnp.array([5, 3]), kv_lengths=jnp.array([6, 4]), kv_layout="bksd",
+              implementation="auto")
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    got = attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), **kw)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), attention(q, k, v, **kw),
+                               atol=TOLERANCE[jnp.bfloat16])
