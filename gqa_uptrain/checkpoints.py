@@ -12,6 +12,11 @@ array is read, and a missing or unexpected name or a shape mismatch raises namin
 otherwise happily do a partial restore, orbax#2972).
 
 A training workdir keeps its checkpoints as WORKDIR/checkpoints/<step>/ in this same format.
+
+Multi-host (jax.distributed): every process calls save/save_step (orbax writes each process's
+shards); only process 0 touches the directory structure (clearing the temporary dir, meta.json,
+the renames, deleting old steps), with barriers between the phases so no process sees a half-made
+state. The filesystem must be shared between the processes.
 """
 
 from __future__ import annotations
@@ -79,6 +84,17 @@ def read_meta(path: str) -> Meta:
         return Meta.from_json(f.read())
 
 
+def _is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices(f"gqa_uptrain.checkpoints.{name}")
+
+
 def flatten_tree(tree: Any) -> dict[str, Any]:
     """{jax key path string: leaf} for any pytree (used for the optimizer state)."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
@@ -103,7 +119,9 @@ def save(path: str, params: dict[str, Any], meta: Meta, opt_state: Any = None, *
     # A fixed temporary name (not mkdtemp): a save killed mid-write leaves this behind, and the
     # next save to the same path clears it. It never looks like a checkpoint (see list_steps).
     tmp = os.path.join(parent, f".{name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if _is_primary():
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier(f"clear:{path}")
     try:
         ckptr = ocp.StandardCheckpointer()
         # orbax refuses to write into an existing directory: give it fresh subpaths.
@@ -111,19 +129,24 @@ def save(path: str, params: dict[str, Any], meta: Meta, opt_state: Any = None, *
         if opt_state is not None:
             ckptr.save(os.path.join(tmp, "opt_state"), flatten_tree(opt_state))
         ckptr.wait_until_finished()
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            f.write(meta.to_json())
-        if os.path.exists(path):
-            # Move the old one aside first so that `path` is, at every moment, absent or complete.
-            old = os.path.join(parent, f".{name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
+        _barrier(f"written:{path}")
+        if _is_primary():
+            with open(os.path.join(tmp, META_FILE), "w") as f:
+                f.write(meta.to_json())
+            if os.path.exists(path):
+                # Move the old one aside first so that `path` is, at every moment, absent or
+                # complete.
+                old = os.path.join(parent, f".{name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(path, old)
+                os.rename(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, path)
+        _barrier(f"renamed:{path}")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_primary():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -212,7 +235,8 @@ def save_step(workdir: str, params, meta: Meta, opt_state=None, keep: int | None
     """Saves WORKDIR/checkpoints/<meta.step>, then deletes all but the newest `keep`."""
     path = step_dir(workdir, meta.step)
     save(path, params, meta, opt_state, overwrite=True)
-    if keep is not None:
+    if keep is not None and _is_primary():
         for old in list_steps(workdir)[:-keep]:
             shutil.rmtree(step_dir(workdir, old), ignore_errors=True)
+    _barrier(f"pruned:{path}")
     return path

@@ -1,0 +1,136 @@
+r"""Pretrain a multi-head-attention (MHA) decoder from scratch on the embedded corpus.
+
+    # under a minute on 2 CPU cores
+    python -m gqa_uptrain.train --config=configs/pretrain.py:smoke --workdir=workdirs/pretrain_smoke
+    # the CPU default: ~14 minutes on 2 idle CPU cores; validation loss 1.30 nats/token against a
+    # unigram entropy of 3.19 (ratio 0.41; measured once, on a shared and much slower machine)
+    python -m gqa_uptrain.train --config=configs/pretrain.py --workdir=workdirs/pretrain_cpu
+    # a larger model for an accelerator
+    python -m gqa_uptrain.train --config=configs/pretrain.py:size=base --workdir=workdirs/pretrain_base
+
+Argument (after the colon, comma-separated): `smoke` (a tiny run), `size=cpu|base`. Any leaf can be
+overridden with --config.a.b=value; unknown keys are errors (the config is locked).
+
+Data: the Python standard library's own source, byte-level (vocab 257: bytes + BOS), see data.py.
+Rerunning the same command after a kill resumes from the workdir's latest checkpoint.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+# Model sizes. 'cpu': 4 layers, d_model 256, 8 heads of 32 (so it can be pooled to 4, 2 or 1 KV
+# heads): 3.5M params. On 2 idle CPU cores a step of 16 x 256 tokens takes ~2.2 s (~1.8k tokens/s,
+# ENVIRONMENT.md; 8 heads of 32 measured as fast as 4 of 64); 350 steps = 1.4M tokens ≈ 13 minutes,
+# plus ~1 minute of validation (the last one scores the whole split, ~120k tokens).
+SIZES = {
+    "cpu": dict(d_model=256, num_layers=4, num_heads=8, mlp_dim=768),
+    "base": dict(d_model=768, num_layers=12, num_heads=12, mlp_dim=2048),
+}
+
+
+def _parse_arg(arg, **defaults):
+    """'smoke,size=base' -> {'smoke': True, 'size': 'base'}; unknown keys are errors."""
+    out = dict(defaults)
+    for token in filter(None, (arg or "").split(",")):
+        key, _, value = token.partition("=")
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r} (known: {sorted(defaults)})")
+        kind = type(defaults[key])
+        out[key] = (value in ("", "1", "true", "True")) if kind is bool else kind(value)
+    return out
+
+
+def get_config(arg=None):
+    args = _parse_arg(arg, smoke=False, size="cpu")
+    if args["size"] not in SIZES:
+        raise ValueError(f"size={args['size']!r} is not one of {sorted(SIZES)}")
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # params init and batch order
+
+    # Where the params come from (train.py): resume > init_checkpoint > scratch from `model`.
+    c.init_checkpoint = ""  # '' = scratch
+    c.num_kv_heads = -1  # -1 = the model's own; fewer pools K/V heads of init_checkpoint
+    c.convert_method = "mean"  # pooling.METHODS
+    c.convert_seed = 0  # for convert_method='random'
+
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=257,  # byte tokenizer: 256 bytes + BOS
+        num_kv_heads=SIZES[args["size"]]["num_heads"],  # MHA: the model GQA is made from
+        head_dim=config_dict.placeholder(int),  # None -> d_model // num_heads
+        rope_theta=10000.0,
+        norm_eps=1e-6,
+        tie_embeddings=False,
+        qkv_bias=False,
+        o_bias=False,
+        param_dtype="float32",
+        dtype="float32",  # bf16 is slower than fp32 on this CPU (ENVIRONMENT.md); use it on GPU/TPU
+        **SIZES[args["size"]],
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        source="stdlib",  # 'stdlib' | 'files' | 'hf' (data.py)
+        path="",  # 'files': comma-separated globs
+        val_path="",  # 'files': validation globs ('' = split by hash)
+        hf_name="",
+        hf_config="",
+        train_split="train",
+        val_split="",  # '' = split train_split by hash
+        text_field="text",
+        val_fraction=0.02,  # of the stdlib's ~730 files: ~16 files, ~120k bytes
+        tokenizer="byte",
+        seq_len=256,
+        cache_dir="",  # '' = WORKDIR/data_cache
+    ))
+
+    c.num_steps = 350  # see SIZES: ~14 minutes on 2 idle CPU cores
+    c.alpha = 0.0  # only read when num_steps == -1 (uptraining: alpha x the source's steps)
+    c.batch_size = 16  # sequences per step (all devices together): 16 x 256 = 4k tokens
+    c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide)
+    c.remat = False  # recompute activations in the backward pass (memory for compute)
+    c.attention_implementation = "auto"
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=3e-3,  # high for a transformer, right for a 3M-param model on few steps
+        schedule="cosine",  # 'cosine' | 'constant' | 'wsd'
+        warmup_steps=30,
+        decay_fraction=0.2,  # 'wsd' only: share of steps in the final decay
+        min_lr_ratio=0.1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,
+        clip_norm=1.0,
+    ))
+
+    c.log_every = 10
+    c.eval_every = 100  # 0 = only at the end
+    c.eval_batches = 4  # batches per periodic validation (-1 = the whole split)
+    c.final_eval_batches = -1  # at the last step: the whole validation split (0 = none)
+    c.checkpoint_every = 100  # and always at the end / on SIGTERM
+    c.keep_checkpoints = 3
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 = the remaining devices
+    c.progress_bar = True
+
+    if args["size"] == "base":  # an accelerator run: ~85M params, 64 x 1024 tokens a step
+        c.model.dtype = "bfloat16"
+        c.data.seq_len = 1024
+        c.batch_size = 64
+        c.num_steps = 20000
+        c.optimizer.learning_rate = 6e-4
+        c.optimizer.warmup_steps = 1000
+        c.eval_every = 1000
+        c.eval_batches = 16
+        c.checkpoint_every = 1000
+
+    if args["smoke"]:  # a tiny model, a few steps: the whole pipeline in under a minute
+        c.model.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=4, mlp_dim=128)
+        c.data.seq_len = 64
+        c.batch_size = 8
+        c.num_steps = 20
+        c.optimizer.warmup_steps = 5
+        c.log_every = 5
+        c.eval_every = 10
+        c.eval_batches = 2
+        c.final_eval_batches = 4
+        c.checkpoint_every = 10
+    return c

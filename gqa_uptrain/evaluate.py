@@ -1,0 +1,225 @@
+"""Scoring a model: mean negative log-likelihood per predicted token, and the evaluation CLI.
+
+    python -m gqa_uptrain.evaluate --checkpoint=PATH [--text_file=FILE] [--seq_len=N]
+
+PATH is a checkpoint or a training workdir of this project (-> its latest checkpoint) or a Hugging
+Face folder (config.json + safetensors; scored with its own tokenizer.json and that tokenizer's BOS
+rule). Without --text_file the text is the validation split of the run's data (recorded in the
+checkpoint; the stdlib corpus for a Hugging Face folder).
+
+Windowing (data.py): the text is one document (the validation split: its documents, packed, with no
+attention across documents); the token stream is cut into windows of seq_len predicted tokens, with
+consecutive windows overlapping by one token. Each window is scored on its own, so context resets at
+every window start: a token at offset i of its window is predicted from at most i previous tokens.
+Every token but the first of each document is predicted exactly once. The last line printed is one
+JSON object: loss (nats per predicted token), perplexity = exp(loss), tokens (predicted tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from gqa_uptrain import checkpoints, data, hf
+from gqa_uptrain.model import ModelConfig, Transformer
+
+# Without a recorded training length (a Hugging Face folder), windows are this long.
+DEFAULT_SEQ_LEN = 1024
+
+
+def make_apply(config: ModelConfig) -> Callable[..., jax.Array]:
+    """apply(params, tokens, *, segment_ids, positions, implementation, remat) -> logits.
+
+    A pure function of the flat params dict (the pytree the trainer shards and differentiates):
+    it rebuilds the NNX module from the params inside the trace. tokens [batch, seq] ->
+    logits [batch, seq, vocab] float32.
+    """
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+    flat = list(nnx.to_flat_state(state))
+    names = [".".join(str(p) for p in path) for path, _ in flat]
+
+    def apply(params, tokens, *, segment_ids=None, positions=None, implementation="auto",
+              remat=False):
+        state = nnx.from_flat_state(
+            [(path, var.replace(params[name])) for (path, var), name in zip(flat, names)])
+        model = nnx.merge(graphdef, state)
+        return model(tokens, segment_ids=segment_ids, positions=positions,
+                     implementation=implementation, remat=remat)
+
+    return apply
+
+
+def nll_sum(apply, params, batch: dict[str, jax.Array], *, implementation: str = "auto",
+            remat: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(sum of -log p(target) over tokens with loss_mask, number of such tokens), float32 scalars.
+
+    batch: data.BATCH_KEYS, each [batch, seq] int32.
+    """
+    logits = apply(params, batch["inputs"], segment_ids=batch["segment_ids"],
+                   positions=batch["positions"], implementation=implementation, remat=remat)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [b, t]
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def make_eval_step(config: ModelConfig, implementation: str, out_sharding=None):
+    """Jitted (params, batch) -> (nll sum, token count)."""
+    apply = make_apply(config)
+
+    def step(params, batch):
+        return nll_sum(apply, params, batch, implementation=implementation)
+
+    return jax.jit(step, out_shardings=out_sharding)
+
+
+def evaluate_stream(eval_step, params, stream: data.TokenStream, *, seq_len: int,
+                    batch_size: int, max_batches: int = -1,
+                    put_batch: Callable[[Callable[[np.ndarray], dict]], dict] | None = None
+                    ) -> dict[str, float]:
+    """Scores a token stream window by window (module docstring); returns loss, perplexity, tokens.
+
+    put_batch(rows_fn) builds the device batch from rows_fn(global row ids) -> host rows; the
+    default puts the whole batch on the default device.
+    """
+    total, count = 0.0, 0.0
+    for ids in data.eval_window_batches(stream, seq_len, batch_size, max_batches):
+        def rows_fn(rows, ids=ids):
+            return data.window_rows(stream, ids[rows], seq_len)
+
+        if put_batch is None:
+            batch = {k: jnp.asarray(v) for k, v in rows_fn(np.arange(batch_size)).items()}
+        else:
+            batch = put_batch(rows_fn)
+        s, c = eval_step(params, batch)
+        total += float(s)  # accumulated in float64 on the host
+        count += float(c)
+    if count == 0:
+        raise data.DataError("nothing to score: the text has fewer than 2 tokens")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
+
+
+def scored_tokens(stream: data.TokenStream, seq_len: int, max_windows: int = -1) -> np.ndarray:
+    """The target tokens evaluate_stream scores (for the unigram-entropy baseline)."""
+    num = stream.num_windows(seq_len, full_only=False)
+    if max_windows >= 0:
+        num = min(num, max_windows)
+    end = min(len(stream.tokens), num * seq_len + 1)
+    keep = np.ones(end, bool)
+    keep[stream.doc_starts[stream.doc_starts < end]] = False  # first token of each document
+    return stream.tokens[:end][keep]
+
+
+# ----------------------------------------------------------------------------- loading models
+
+
+def is_hf_folder(path: str) -> bool:
+    """A folder with config.json that is not a checkpoint or workdir of this project."""
+    return (os.path.isfile(os.path.join(path, "config.json")) and not checkpoints.is_checkpoint(path)
+            and not os.path.isdir(os.path.join(path, checkpoints.CHECKPOINTS_DIR)))
+
+
+def model_tokenizer(path: str, provenance: dict[str, Any] | None = None) -> str:
+    """The tokenizer spec that belongs to a model: an HF folder's tokenizer.json, else what the
+    checkpoint's provenance records, else 'byte'."""
+    if is_hf_folder(path):
+        found = hf.tokenizer_path(path)
+        if found is None:
+            raise data.DataError(f"{path} has no tokenizer.json; set the tokenizer explicitly")
+        return found
+    provenance = provenance or {}
+    if "tokenizer" in provenance:
+        return provenance["tokenizer"]
+    return "byte"
+
+
+def load_model(path: str) -> tuple[dict[str, Any], ModelConfig, dict[str, Any]]:
+    """(params (host or device arrays), ModelConfig, info) of a project checkpoint/workdir or an
+    HF folder. info: {'kind', 'path', 'tokenizer', 'data' (a DataSpec dict or None), 'step'}."""
+    if is_hf_folder(path):
+        params, config = hf.load_hf_model(path)
+        return params, config, {"kind": "hf", "path": os.path.abspath(path),
+                                "tokenizer": model_tokenizer(path), "data": None, "step": None}
+    resolved = checkpoints.resolve(path)
+    params, meta, _ = checkpoints.restore(resolved)
+    provenance = meta.provenance or {}
+    return params, meta.model_config, {
+        "kind": "checkpoint", "path": os.path.abspath(resolved),
+        "tokenizer": model_tokenizer(resolved, provenance), "data": provenance.get("data"),
+        "step": meta.step}
+
+
+def default_data_spec(tokenizer: str, seq_len: int) -> data.DataSpec:
+    """The stdlib corpus with the trainer's default split (used when a model records none)."""
+    return data.DataSpec(source="stdlib", path="", val_path="", hf_name="", hf_config="",
+                         train_split="train", val_split="", text_field="text", val_fraction=0.02,
+                         tokenizer=tokenizer, seq_len=seq_len, cache_dir="")
+
+
+def evaluate_model(path: str, *, text_file: str = "", seq_len: int = 0, batch_size: int = 8,
+                   max_batches: int = -1, implementation: str = "auto",
+                   cache_dir: str = "") -> dict[str, Any]:
+    """Loss / perplexity / tokens of the model at `path` on text_file or its validation split."""
+    params, config, info = load_model(path)
+    tokenizer = data.load_tokenizer(info["tokenizer"])
+    if tokenizer.vocab_size > config.vocab_size:
+        raise data.DataError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids; the "
+                             f"model's vocab_size is {config.vocab_size}")
+    spec = data.DataSpec.from_dict(info["data"]) if info["data"] else None
+    seq_len = seq_len or (spec.seq_len if spec else DEFAULT_SEQ_LEN)
+    if text_file:
+        with open(text_file, "rb") as f:
+            stream = data.tokenize([f.read()], tokenizer)
+        text = os.path.abspath(text_file)
+    else:
+        spec = spec or default_data_spec(info["tokenizer"], seq_len)
+        cache = cache_dir or spec.cache_dir or os.path.join(os.path.expanduser("~"), ".cache",
+                                                            "gqa_uptrain")
+        stream, manifest = data.load_split(spec, tokenizer, "validation", cache)
+        text = f"validation split ({spec.source}, sha256 {manifest['sha256'][:12]})"
+    params = {k: jnp.asarray(v) for k, v in params.items()}
+    result = evaluate_stream(make_eval_step(config, implementation), params, stream,
+                             seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
+    return {**result, "checkpoint": info["path"], "step": info["step"], "seq_len": seq_len,
+            "text": text}
+
+
+def main(argv):
+    from absl import flags, logging  # noqa: PLC0415
+
+    del argv
+    f = flags.FLAGS
+    logging.set_verbosity(logging.WARNING)
+    try:
+        result = evaluate_model(f.checkpoint, text_file=f.text_file, seq_len=f.seq_len,
+                                batch_size=f.batch_size, max_batches=f.max_batches,
+                                implementation=f.implementation)
+    except (ValueError, OSError) as e:  # CheckpointError and DataError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"{result['text']}: {result['tokens']} tokens, windows of {result['seq_len']}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("checkpoint", None, "checkpoint, workdir, or Hugging Face folder",
+                        required=True)
+    flags.DEFINE_string("text_file", "", "score this file (one document) instead of the "
+                        "validation split")
+    flags.DEFINE_integer("seq_len", 0, "predicted tokens per window (0: the run's training "
+                         f"seq_len, or {DEFAULT_SEQ_LEN} for a Hugging Face folder)")
+    flags.DEFINE_integer("batch_size", 8, "windows per forward pass")
+    flags.DEFINE_integer("max_batches", -1, "score only the first N batches (-1: all)")
+    flags.DEFINE_enum("implementation", "auto", ["auto", "reference", "xla"], "attention")
+    app.run(main)

@@ -1,0 +1,603 @@
+"""The training loop: pretrain an MHA model, or uptrain a converted GQA model, from a config file.
+
+    python -m gqa_uptrain.train --config=configs/pretrain.py:smoke --workdir=/tmp/pre
+    python -m gqa_uptrain.train --config=configs/uptrain.py:num_kv_heads=2 \\
+        --config.init_checkpoint=/tmp/pre --workdir=/tmp/up
+
+Initialisation, in this order (train_and_evaluate, _new_run):
+  1. resume: the workdir's latest complete checkpoint (params, optimizer state, step). The workdir's
+     saved train_config.json must agree with the command's config (except `mesh` and `progress_bar`,
+     which do not change the computation's meaning), else an error.
+  2. config.init_checkpoint: a checkpoint or workdir of this project, or a Hugging Face folder;
+     its K/V heads are pooled to config.num_kv_heads on the fly (pooling.convert_params; -1 keeps
+     the source's heads); the optimizer starts fresh.
+  3. scratch: config.model, initialised from config.seed.
+
+Exact resume: the batch of step s is a pure function of (config.seed, s) (data.py), params and the
+optimizer state (including its step count) are checkpointed exactly, and nothing else carries state
+between steps, so a run killed at any moment and rerun with the same command ends bit-identical to
+one never interrupted (tests/test_resume.py). Metrics of a step are written before its checkpoint,
+and on resume metrics.jsonl is cut back to the restored step, so no step appears twice.
+Faults: a non-finite loss, gradient norm or parameter norm stops the run with an error naming the
+step (nothing is saved after it); SIGTERM saves a checkpoint at the current step and exits with
+status 0.
+
+Step numbering: step s means s optimizer updates done; the update from s to s+1 trains on batch s.
+Metrics at step s: train/* of the update that produced step s, val/* of the params at step s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from gqa_uptrain import checkpoints, data, evaluate, hf, optim, pooling, sharding
+from gqa_uptrain.model import ModelConfig, Transformer, abstract_params, get_params
+
+CONFIG_FILE = "train_config.json"  # not config.json: that name marks a Hugging Face folder
+RUN_FILE = "run.json"
+MANIFEST_FILE = "data_manifest.json"
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tensorboard"
+# Config keys that may change between a run and its resume: they do not change what is computed.
+RESUMABLE_CHANGES = ("mesh", "progress_bar")
+
+
+class TrainError(ValueError):
+    """A run that cannot start or continue as configured."""
+
+
+# ----------------------------------------------------------------------------- multi-host helpers
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _log(msg: str) -> None:
+    if _is_main():
+        tqdm.write(msg, file=sys.stdout)  # keeps a progress bar intact
+        sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def make_train_step(model_config: ModelConfig, tx, *, implementation: str, remat: bool):
+    """(params, opt_state, batch) -> (params, opt_state, metrics); not jitted.
+
+    batch: data.BATCH_KEYS, each [grad_accum_steps, micro_batch, seq_len]. The gradient is the
+    mean over all predicted tokens of the global batch: per-micro-batch sums are accumulated in a
+    scan and divided once by the total token count.
+    """
+    apply = evaluate.make_apply(model_config)
+
+    def loss_sum(params, micro):
+        return evaluate.nll_sum(apply, params, micro, implementation=implementation,
+                                remat=remat)[0]
+
+    grad_fn = jax.value_and_grad(loss_sum)
+
+    def train_step(params, opt_state, batch):
+        count = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+
+        def micro_step(carry, micro):
+            loss_acc, grad_acc = carry
+            loss, grads = grad_fn(params, micro)
+            return (loss_acc + loss, jax.tree.map(jnp.add, grad_acc, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (loss, grads), _ = jax.lax.scan(micro_step, (jnp.zeros((), jnp.float32), zeros), batch)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+        # param_norm is also the check that the update left every parameter finite.
+        return params, opt_state, {"loss": loss / count, "grad_norm": _global_norm(grads),
+                                   "param_norm": _global_norm(params)}
+
+    return train_step
+
+
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _summary_writer(logdir: str, purge_step: int | None):
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch only to
+    recognise its tensors (we log floats), and that import costs seconds at every start."""
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which it catches
+    try:
+        from tensorboardX import SummaryWriter  # noqa: PLC0415
+    finally:
+        if blocked:
+            del sys.modules["torch"]
+    return SummaryWriter(logdir, purge_step=purge_step)
+
+
+class MetricsLog:
+    """WORKDIR/metrics.jsonl (one JSON object per line, each with `step`) and TensorBoard events.
+
+    On resume from step s, lines with step > s are dropped (they were written after the checkpoint
+    the run resumed from) and TensorBoard is told to purge events past s; a fresh start truncates.
+    Only process 0 writes.
+    """
+
+    def __init__(self, workdir: str, start_step: int, resumed: bool):
+        self.enabled = _is_main()
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self.tb = None
+        if not self.enabled:
+            return
+        kept = []
+        if resumed and os.path.exists(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut by a kill
+                        continue
+                    if record["step"] <= start_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+        self.file = open(self.path, "a")
+        self.tb = _summary_writer(os.path.join(workdir, TB_DIR),
+                                  start_step + 1 if resumed else None)
+
+    def write(self, step: int, record: dict[str, float]) -> None:
+        if not self.enabled or not record:
+            return
+        self.file.write(json.dumps({"step": step, **record}, sort_keys=True) + "\n")
+        self.file.flush()
+        for key, value in record.items():
+            self.tb.add_scalar(key, value, step)
+
+    def flush(self) -> None:
+        if self.enabled:
+            self.file.flush()
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------- run set-up
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _flat_items(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_items(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_workdir_config(config, workdir: str, resuming: bool) -> None:
+    """Saves train_config.json for a fresh run; when resuming, the configs must agree. (A workdir
+    without checkpoints holds nothing to resume: a new run there starts over.)"""
+    path = os.path.join(workdir, CONFIG_FILE)
+    current = _config_dict(config)
+    if resuming:
+        with open(path) as f:
+            saved = _flat_items(json.load(f))
+        now = _flat_items(current)
+        diff = {k: (saved.get(k, "<absent>"), now.get(k, "<absent>"))
+                for k in sorted(set(saved) | set(now))
+                if saved.get(k) != now.get(k) and k.split(".")[0] not in RESUMABLE_CHANGES}
+        if diff:
+            raise TrainError(f"{workdir} holds a run with a different config (key: (saved, now)) "
+                             f"{diff}; use a new --workdir or the saved config")
+    elif _is_main():
+        _write_json_atomic(path, current)
+
+
+def _data_spec(config, workdir: str) -> data.DataSpec:
+    d = config.data.to_dict()
+    d["cache_dir"] = os.path.abspath(d["cache_dir"] or os.path.join(workdir, "data_cache"))
+    return data.DataSpec.from_dict(d)
+
+
+def _source_steps(meta: checkpoints.Meta) -> int:
+    """Steps of the pretraining run a checkpoint descends from: the recorded source step of a
+    converted/uptrained checkpoint, else the checkpoint's own step."""
+    return meta.source_step if meta.source_step is not None else meta.step
+
+
+def _load_init_checkpoint(config) -> tuple[dict[str, Any], ModelConfig, dict[str, Any]]:
+    """(host params, ModelConfig, run info) from config.init_checkpoint, pooled when asked."""
+    path = config.init_checkpoint
+    if not os.path.exists(path):
+        raise TrainError(f"config.init_checkpoint={path!r} does not exist")
+    if evaluate.is_hf_folder(path):
+        params, model_config = hf.load_hf_model(path)
+        source_step, init = None, {"hf_folder": os.path.abspath(path)}
+        tokenizer = evaluate.model_tokenizer(path) if config.data.tokenizer == "auto" else None
+    else:
+        resolved = checkpoints.resolve(path)
+        params, meta, _ = checkpoints.restore(resolved)
+        params = {k: np.asarray(v) for k, v in params.items()}
+        model_config = meta.model_config
+        source_step = _source_steps(meta)
+        init = {"checkpoint": os.path.abspath(resolved), "checkpoint_step": meta.step}
+        tokenizer = (evaluate.model_tokenizer(resolved, meta.provenance)
+                     if config.data.tokenizer == "auto" else None)
+    if config.num_kv_heads != -1:  # also when equal: method='random' then re-draws K/V
+        before = model_config.num_kv_heads
+        params, model_config = pooling.convert_params(
+            params, model_config, config.num_kv_heads, method=config.convert_method,
+            seed=config.convert_seed)
+        init.update(converted={"num_kv_heads_before": before, "num_kv_heads": config.num_kv_heads,
+                               "method": config.convert_method, "seed": config.convert_seed})
+    return params, model_config, {"init": init, "source_step": source_step,
+                                  "auto_tokenizer": tokenizer}
+
+
+def _new_run(config) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(host params or None for scratch, run info) for a workdir without checkpoints."""
+    if config.init_checkpoint:
+        params, model_config, info = _load_init_checkpoint(config)
+    else:
+        if config.model is None:
+            raise TrainError("config.init_checkpoint is empty and config.model is None: set "
+                             "--config.init_checkpoint=PATH (a checkpoint, workdir or Hugging "
+                             "Face folder) or train from scratch with a config.model")
+        model_config = ModelConfig.from_dict(config.model.to_dict())
+        if config.num_kv_heads not in (-1, model_config.num_kv_heads):
+            model_config = model_config.replace(num_kv_heads=config.num_kv_heads)
+        params, info = None, {"init": {"scratch_seed": config.seed}, "source_step": None,
+                              "auto_tokenizer": None}
+    if config.num_steps > 0:
+        num_steps = config.num_steps
+    elif config.num_steps == -1:
+        if info["source_step"] is None:
+            raise TrainError("config.num_steps=-1 means alpha x the source run's steps, but "
+                             f"{config.init_checkpoint or 'scratch training'} records no steps; "
+                             "set config.num_steps")
+        if config.alpha <= 0:
+            raise TrainError(f"config.num_steps=-1 needs config.alpha > 0, got {config.alpha}")
+        num_steps = max(1, round(config.alpha * info["source_step"]))
+    else:
+        raise TrainError(f"config.num_steps={config.num_steps} must be > 0 or -1")
+    tokenizer = config.data.tokenizer
+    if tokenizer == "auto":
+        tokenizer = info["auto_tokenizer"] or "byte"
+    elif tokenizer != "byte":
+        tokenizer = os.path.abspath(tokenizer)
+    run = {"num_steps": num_steps, "source_step": info["source_step"], "init": info["init"],
+           "tokenizer": tokenizer, "model_config": model_config.to_dict()}
+    return params, run
+
+
+def _load_data(spec: data.DataSpec, tokenizer, workdir: str, resumed: bool, need_val: bool):
+    train_stream, train_manifest = data.load_split(spec, tokenizer, "train", spec.cache_dir)
+    manifests = {"train": train_manifest}
+    val_stream = None
+    if need_val:
+        val_stream, manifests["validation"] = data.load_split(spec, tokenizer, "validation",
+                                                              spec.cache_dir)
+    path = os.path.join(workdir, MANIFEST_FILE)
+    if resumed and os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        for split, manifest in manifests.items():
+            if saved.get(split, {}).get("sha256") != manifest["sha256"]:
+                raise TrainError(f"the {split} data changed since this run started (manifest "
+                                 f"{path}); resuming would not reproduce the run")
+    elif _is_main():
+        _write_json_atomic(path, manifests)
+    return train_stream, val_stream, manifests
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _check_finite(step: int, step_metrics: dict[str, jax.Array], workdir: str
+                  ) -> dict[str, float]:
+    """Fetches a step's metrics (blocking); raises FloatingPointError naming the step when the
+    loss, the gradient or the updated params are not finite."""
+    values = {k: float(v) for k, v in step_metrics.items()}
+    if not all(math.isfinite(v) for v in values.values()):
+        latest = checkpoints.latest_checkpoint(workdir)
+        raise FloatingPointError(
+            f"training diverged at step {step} (the update on batch {step - 1}): "
+            + ", ".join(f"{k}={v}" for k, v in sorted(values.items()))
+            + f"; nothing was saved after it; the last good checkpoint is {latest or 'none'}")
+    return values
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) the training described by `config` in `workdir`; returns the final
+    metrics record ({} when the run was stopped by SIGTERM)."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    # --- initialisation order: resume > init_checkpoint > scratch (module docstring).
+    latest = checkpoints.latest_checkpoint(workdir)
+    _check_workdir_config(config, workdir, resuming=latest is not None)
+    _sync("config")
+    run_path = os.path.join(workdir, RUN_FILE)
+    if latest is not None:
+        with open(run_path) as f:
+            run = json.load(f)
+        host_params = None
+    else:
+        host_params, run = _new_run(config)
+        if _is_main():
+            _write_json_atomic(run_path, run)
+    _sync("run")
+    model_config = ModelConfig.from_dict(run["model_config"])
+    num_steps = run["num_steps"]
+
+    spec = _data_spec(config, workdir)
+    tokenizer = data.load_tokenizer(run["tokenizer"])
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise TrainError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the "
+                         f"model's vocab_size is {model_config.vocab_size}")
+    need_val = config.eval_every > 0 or config.final_eval_batches != 0
+    train_stream, val_stream, manifests = _load_data(spec, tokenizer, workdir, latest is not None,
+                                                     need_val)
+    seq_len, batch_size, accum = spec.seq_len, config.batch_size, config.grad_accum_steps
+    num_windows = train_stream.num_windows(seq_len, full_only=True)
+    if num_windows < 1:
+        raise TrainError(f"the training split has {len(train_stream.tokens)} tokens, fewer than "
+                         f"one window of seq_len={seq_len}")
+
+    # --- mesh, shardings, optimizer.
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    if batch_size % accum:
+        raise TrainError(f"batch_size={batch_size} is not divisible by "
+                         f"grad_accum_steps={accum}")
+    micro = batch_size // accum
+    if micro % sharding.batch_divisor(mesh):
+        raise TrainError(f"micro-batch {micro} (batch_size / grad_accum_steps) is not divisible "
+                         f"by the data x fsdp mesh size {sharding.batch_divisor(mesh)}")
+    o = config.optimizer
+    schedule = optim.make_schedule(o.schedule, peak_lr=o.learning_rate,
+                                   warmup_steps=min(o.warmup_steps, num_steps),
+                                   total_steps=num_steps, decay_fraction=o.decay_fraction,
+                                   min_lr_ratio=o.min_lr_ratio)
+    shapes = abstract_params(model_config)
+    tx = optim.make_optimizer(schedule, shapes, b1=o.b1, b2=o.b2, eps=o.eps,
+                              weight_decay=o.weight_decay, clip_norm=o.clip_norm)
+    param_sh = sharding.param_shardings(shapes, mesh)
+    repl = sharding.replicated(mesh)
+    opt_sh = optim.opt_state_shardings(tx, shapes, param_sh, repl)
+    batch_sh = jax.sharding.NamedSharding(mesh, sharding.batch_spec(leading_axes=1))
+
+    # --- state.
+    if latest is not None:
+        abstract_opt = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            jax.eval_shape(tx.init, shapes), opt_sh)
+        params, meta, opt_state = checkpoints.restore(
+            latest, expected_config=model_config, opt_state_target=abstract_opt,
+            param_shardings=param_sh)
+        start_step = meta.step
+        _log(f"resumed from {latest} (step {start_step} of {num_steps})")
+    else:
+        if host_params is None:
+            seed = config.seed
+            params = jax.jit(lambda: get_params(Transformer(model_config, rngs=nnx.Rngs(seed))),
+                             out_shardings=param_sh)()
+        else:
+            params = sharding.put_params(host_params, param_sh)
+        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+        start_step = 0
+        _log(f"new run: {json.dumps(run['init'])}; {num_steps} steps")
+    del host_params
+    num_params = sum(int(np.prod(x.shape)) for x in shapes.values())
+    tokens_per_step = batch_size * seq_len
+    _log(f"model {model_config.to_dict()}: {num_params:,} params; mesh {dict(mesh.shape)}; "
+         f"{tokens_per_step:,} tokens/step; train {len(train_stream.tokens):,} tokens "
+         f"({num_windows:,} windows)")
+
+    train_step = jax.jit(
+        make_train_step(model_config, tx, implementation=config.attention_implementation,
+                        remat=config.remat),
+        in_shardings=(param_sh, opt_sh, batch_sh), out_shardings=(param_sh, opt_sh, repl),
+        donate_argnums=(0, 1))
+    eval_step = evaluate.make_eval_step(model_config, config.attention_implementation,
+                                        out_sharding=repl)
+    eval_sh = jax.sharding.NamedSharding(mesh, sharding.batch_spec())
+
+    def put_eval_batch(rows_fn):
+        return sharding.make_global_batch((batch_size, seq_len), eval_sh, rows_fn,
+                                          data.BATCH_KEYS)
+
+    def run_eval(max_batches: int) -> dict[str, float]:
+        result = evaluate.evaluate_stream(eval_step, params, val_stream, seq_len=seq_len,
+                                          batch_size=batch_size, max_batches=max_batches,
+                                          put_batch=put_eval_batch)
+        return {"val/loss": result["loss"], "val/perplexity": result["perplexity"],
+                "val/tokens": result["tokens"]}
+
+    def make_batch(step: int) -> dict[str, jax.Array]:
+        def rows_fn(rows):
+            ids = data.train_window_ids(config.seed, step, batch_size, num_windows, rows)
+            return data.window_rows(train_stream, ids, seq_len)
+
+        return sharding.make_global_batch((accum, micro, seq_len), batch_sh, rows_fn,
+                                          data.BATCH_KEYS)
+
+    def save(step: int) -> None:
+        meta = checkpoints.Meta(
+            model_config=model_config, step=step, source_step=run["source_step"],
+            data_position={"seed": config.seed, "next_batch": step, "batch_size": batch_size,
+                           "seq_len": seq_len},
+            provenance={"init": run["init"], "tokenizer": run["tokenizer"],
+                        "data": spec.to_dict(), "tokens_per_step": tokens_per_step,
+                        "data_manifest_sha256": {k: m["sha256"] for k, m in manifests.items()},
+                        "config": _config_dict(config)})
+        checkpoints.save_step(workdir, params, meta, opt_state, keep=config.keep_checkpoints)
+
+    # --- SIGTERM: finish the current step, save, exit cleanly.
+    stop = {"requested": False}
+
+    def on_sigterm(signum, frame):
+        stop["requested"] = True
+
+    # Signal handlers can only be installed from the main thread (tests may call from others).
+    previous_handler = (signal.signal(signal.SIGTERM, on_sigterm)
+                        if threading.current_thread() is threading.main_thread() else None)
+
+    metrics = MetricsLog(workdir, start_step, resumed=latest is not None)
+    bar = tqdm(total=num_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (config.progress_bar and _is_main()))
+    final: dict[str, Any] = {}
+    try:
+        with jax.set_mesh(mesh):
+            if start_step == 0 and config.eval_every > 0:
+                record = run_eval(config.eval_batches)
+                metrics.write(0, record)
+                _log(f"step 0: val loss {record['val/loss']:.4f}")
+            pending = None  # (step, metrics arrays) not yet checked for NaN: checked one step late
+            last_log = (start_step, time.perf_counter())
+            for step in range(start_step, num_steps):
+                batch = make_batch(step)
+                params, opt_state, step_metrics = train_step(params, opt_state, batch)
+                s = step + 1
+                if pending is not None:  # the previous step's, while this one runs
+                    _check_finite(*pending, workdir)
+                pending = (s, step_metrics)
+                if jax.process_count() > 1:  # a signal to any process stops them all
+                    stop["requested"] = bool(multihost_utils.process_allgather(
+                        np.array(stop["requested"])).any())
+                is_last = s == num_steps
+                do_log = s % config.log_every == 0 or is_last
+                periodic_eval = config.eval_every > 0 and s % config.eval_every == 0
+                final_eval = is_last and config.final_eval_batches != 0
+                do_eval = periodic_eval or final_eval
+                do_save = (is_last or stop["requested"] or
+                           (config.checkpoint_every > 0 and s % config.checkpoint_every == 0))
+                record: dict[str, Any] = {}
+                if do_log or do_eval or do_save:
+                    values = _check_finite(s, step_metrics, workdir)
+                    pending = None
+                if do_log:
+                    now = time.perf_counter()
+                    tokens_per_s = (s - last_log[0]) * tokens_per_step / (now - last_log[1])
+                    loss = values["loss"]
+                    record.update({"train/loss": loss, "train/grad_norm": values["grad_norm"],
+                                   "train/param_norm": values["param_norm"],
+                                   "train/lr": float(schedule(step)),
+                                   "train/tokens_per_s": tokens_per_s,
+                                   "train/tokens": s * tokens_per_step})
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                                    refresh=False)
+                if do_eval:
+                    record.update(run_eval(config.final_eval_batches if final_eval
+                                           else config.eval_batches))
+                    if final_eval:
+                        scored = evaluate.scored_tokens(
+                            val_stream, seq_len, config.final_eval_batches * batch_size
+                            if config.final_eval_batches >= 0 else -1)
+                        record["val/unigram_entropy"] = data.unigram_entropy(scored)
+                metrics.write(s, record)  # before the checkpoint: see the module docstring
+                bar.update(1)
+                if do_save:
+                    save(s)
+                    metrics.flush()
+                if do_log or do_eval or do_save:
+                    last_log = (s, time.perf_counter())  # tokens/s counts training time only
+                if do_eval and "val/loss" in record:
+                    _log(f"step {s}: train loss {record.get('train/loss', float('nan')):.4f}, "
+                         f"val loss {record['val/loss']:.4f}")
+                if is_last:
+                    final = {"step": s, **record}
+                if stop["requested"] and not is_last:
+                    _log(f"SIGTERM: saved a checkpoint at step {s} of {num_steps}; exiting")
+                    break
+            else:
+                if start_step >= num_steps:
+                    _log(f"{workdir} is already complete ({num_steps} steps)")
+    finally:
+        bar.close()
+        metrics.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    if "val/unigram_entropy" in final:
+        _log(f"final validation loss {final['val/loss']:.4f} nats/token "
+             f"(perplexity {final['val/perplexity']:.3f}); unigram entropy of the validation "
+             f"text {final['val/unigram_entropy']:.4f} nats/token; ratio "
+             f"{final['val/loss'] / final['val/unigram_entropy']:.3f}")
+    return final
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv):
+    from absl import flags, logging  # noqa: PLC0415
+
+    del argv
+    f = flags.FLAGS
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if f.coordinator_address:
+        jax.distributed.initialize(coordinator_address=f.coordinator_address,
+                                   num_processes=f.num_processes, process_id=f.process_id,
+                                   initialization_timeout=f.distributed_timeout)
+    elif f.jax_distributed:
+        jax.distributed.initialize()  # cluster auto-detection (TPU pods, SLURM, ...)
+    try:
+        train_and_evaluate(f.config, f.workdir)
+    except (ValueError, OSError, FloatingPointError) as e:  # incl. TrainError, CheckpointError
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/pretrain.py:smoke",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)", required=True)
+    flags.DEFINE_bool("jax_distributed", False, "call jax.distributed.initialize() with the "
+                      "cluster's auto-detection (multi-host pods)")
+    flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (explicit multi-process "
+                        "set-up, e.g. on one machine)")
+    flags.DEFINE_integer("num_processes", 1, "with --coordinator_address")
+    flags.DEFINE_integer("process_id", 0, "with --coordinator_address")
+    flags.DEFINE_integer("distributed_timeout", 300, "seconds to wait for all processes")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
