@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas")
+IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas", "cache")
 KV_LAYOUTS = ("bskd", "bksd")
 
 # Masked logits get a large finite negative value rather than -inf so that a fully masked row (a
@@ -116,6 +116,42 @@ def _pallas_attention(q, k, v, *, causal, segment_ids, q_offset, kv_lengths, kv_
     return decode_attention.decode_attention(q, k, v, kv_lengths, q_offset, causal=causal)
 
 
+def _cache_attention(q, k, v, mask):
+    """Attention over the bksd decode cache with the contraction order chosen by group size.
+
+    The same math as reference_attention (fp32 logits and softmax), different einsum shapes. On
+    XLA's CPU backend the [q_per_kv, head_dim] x [head_dim, seq] product of the grouped einsum is a
+    small-M matmul that ran *slower* than MHA's matrix-vector product: with 8 query heads at an 8K
+    cache, 4 KV heads (q_per_kv 2) took ~2x MHA's time. Measured on this 2-core CPU (one loaded run,
+    batch 8, 8K cache): q_per_kv 2 is fastest as one matrix-vector product per query head (the KV
+    block is re-read per head, so it costs at most MHA's traffic); q_per_kv >= 3 as the tall-skinny
+    product [seq, head_dim] x [head_dim, q_per_kv], which reads K once.
+    """
+    batch, seq_q, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    out_dtype = q.dtype
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    qg = q.reshape(batch, seq_q, num_kv_heads, group, head_dim) * (head_dim ** -0.5)
+    keep = None if mask is None else mask[:, None, :, :]  # [b, 1, t, s]
+    if group == 1 or (group == 2 and seq_q == 1):
+        outs = []
+        for j in range(group):
+            logits = jnp.einsum("btkd,bksd->bkts", qg[:, :, :, j], k)  # [b, k, t, s]
+            if keep is not None:
+                logits = jnp.where(keep, logits, _MASK_VALUE)
+            probs = jax.nn.softmax(logits, axis=-1)
+            outs.append(jnp.einsum("bkts,bksd->btkd", probs, v))  # [b, t, k, d]
+        out = jnp.stack(outs, axis=3)  # [b, t, k, g, d]
+    else:
+        logits = jnp.einsum("bksd,btkgd->bkstg", k, qg)  # [b, k, s, t, g]
+        if keep is not None:
+            logits = jnp.where(jnp.swapaxes(keep, 2, 3)[..., None], logits, _MASK_VALUE)
+        probs = jax.nn.softmax(logits, axis=2)
+        out = jnp.einsum("bkstg,bksd->btkgd", probs, v)  # [b, t, k, g, d]
+    return out.reshape(batch, seq_q, num_heads, head_dim).astype(out_dtype)
+
+
 def resolve_implementation(implementation: str, kv_layout: str = "bskd") -> str:
     """Maps 'auto' to a concrete implementation for the current platform and KV layout."""
     if implementation not in IMPLEMENTATIONS:
@@ -137,8 +173,10 @@ def resolve_implementation(implementation: str, kv_layout: str = "bskd") -> str:
             return "pallas" if kv_layout == "bskd" else "reference"
         # CPU: 'pallas' would run the kernels in the (slow) interpreter. jax.nn.dot_product_attention
         # only takes the bskd layout; the decode cache is bksd (measured ~8x faster for MHA decode
-        # on CPU), where the grouped einsum is the best we have.
-        return "xla" if kv_layout == "bskd" else "reference"
+        # on CPU), where 'cache' picks the einsum shapes XLA's CPU backend runs fastest.
+        return "xla" if kv_layout == "bskd" else "cache"
+    if implementation == "cache" and kv_layout != "bksd":
+        raise ValueError("implementation='cache' needs kv_layout='bksd' (the decode cache's layout)")
     if implementation == "xla" and kv_layout != "bskd":
         raise ValueError("implementation='xla' needs kv_layout='bskd' "
                          "(jax.nn.dot_product_attention has no [batch, kv_heads, seq, dim] layout)")
@@ -170,7 +208,8 @@ def attention(
       implementation: 'reference' (grouped einsum), 'xla' (jax.nn.dot_product_attention),
         'pallas' (gqa_uptrain.kernels: flash attention with a Pallas backward for bskd without
         q_offset/kv_lengths; the split-K decode kernel for the bksd cache or when q_offset or
-        kv_lengths is given — forward only; on CPU both run in interpret mode) or 'auto' (the best
+        kv_lengths is given — forward only; on CPU both run in interpret mode), 'cache' (the
+        bksd cache layout only: XLA einsums shaped for decode by q_per_kv) or 'auto' (the best
         for the platform and layout). A run-time choice, never stored.
     Returns:
       [batch, seq_q, num_heads, head_dim] in q's dtype.
@@ -193,4 +232,6 @@ def attention(
         mask = jnp.broadcast_to(mask, (q.shape[0],) + mask.shape[1:])
     if impl == "reference":
         return reference_attention(q, k, v, mask, kv_layout=kv_layout)
+    if impl == "cache":
+        return _cache_attention(q, k, v, mask)
     return _xla_attention(q, k, v, mask)

@@ -101,3 +101,18 @@ def test_bf16_cache_layout_runs_and_matches_fp32():
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), attention(q, k, v, **kw),
                                atol=TOLERANCE[jnp.bfloat16])
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4, 8])
+@pytest.mark.parametrize("seq_q", [1, 3])
+def test_cache_implementation_matches_reference(num_kv_heads, seq_q):
+    # 'cache' (auto's choice for the decode cache on CPU) reorders the einsums by q_per_kv; each
+    # group size takes a different branch, so cover q_per_kv 8, 4, 2, 1.
+    q, k, v = _qkv(8, num_kv_heads, seq_q=seq_q, seq_kv=11, seed=4)
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    kw = dict(q_offset=jnp.array([7, 2]), kv_lengths=jnp.array([7 + seq_q, 2 + seq_q]),
+              kv_layout="bksd")
+    np.testing.assert_allclose(attention(q, k, v, implementation="cache", **kw),
+                               attention(q, k, v, implementation="reference", **kw), atol=1e-5)
+    with pytest.raises(ValueError, match="implementation='cache' needs kv_layout='bksd'"):
+        attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), implementation="cache")
