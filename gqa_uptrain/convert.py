@@ -2,6 +2,7 @@
 
   python -m gqa_uptrain.convert --input=PATH --output=PATH --num_kv_heads=G [--method=mean]
       [--seed=0] [--output_format=auto|hf|checkpoint] [--tokenizer=PATH] [--overwrite]
+      [--calib_data=stdlib] [--calib_tokens=16384] [--calib_seq_len=256] [--calib_tokenizer=auto]
 
 The input's format is detected: a Hugging Face folder (config.json + safetensors) or this project's
 checkpoint (meta.json + params/) or training workdir (its latest checkpoint). The output has the
@@ -14,22 +15,53 @@ It prints layers converted, KV heads, KV projection parameters and KV-cache byte
 before -> after. Bad input prints one line `error: ...` on stderr, exits 1 (2 for bad flags), and
 leaves nothing behind: every output is written beside its destination and renamed when complete.
 
-This module is I/O only; the arithmetic lives in pooling.py and the name table in hf.py.
+Methods (--method, merging.METHODS): mean, first, random (pooling.py) pool contiguous groups one
+tensor at a time. `[GROUPING+]MERGE` methods start closer to MHA (merging.py): GROUPING 'similar'
+(by K/V activations) or 'similar_weights' (by K/V weights) picks which heads share a KV head and
+permutes the heads so that groups are contiguous; MERGE 'fit' merges each group so that attention
+logits and outputs change least on calibration data, 'fit_o' also re-fits the output projections.
+'similar', 'fit' and 'fit_o' read activations on calibration rows (--calib_*: the train split of
+the stdlib source by default, deterministic under --seed) and, like 'similar_weights', load the
+whole model into memory: no streaming.
+
+This module is I/O only; the arithmetic lives in pooling.py / merging.py / calibration.py and the
+name table in hf.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Any
 
-from gqa_uptrain import hf, pooling
+from gqa_uptrain import hf, merging, pooling
 
 FORMATS = ("hf", "checkpoint")
 # Provenance entries a converted checkpoint keeps at the top level (see convert_checkpoint).
 _CARRIED = ("tokenizer", "data", "hf_config")
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationOptions:
+    """Where the calibration rows of 'similar' / 'fit' / 'fit_o' come from (calibration_rows).
+
+    data: 'stdlib' or comma-separated globs of local text/jsonl/parquet files (their train split);
+    tokenizer: 'auto' (the input's own: an HF folder's tokenizer.json, a checkpoint's recorded
+    tokenizer, else byte-level for a byte-sized vocabulary), 'byte', or a tokenizer.json path.
+    """
+
+    data: str = "stdlib"
+    num_tokens: int = 16384
+    seq_len: int = 256
+    tokenizer: str = "auto"
+
+    def __post_init__(self):
+        if self.seq_len < 1 or self.num_tokens < self.seq_len:
+            raise ValueError(f"calibration needs seq_len >= 1 and num_tokens >= seq_len; got "
+                             f"--calib_tokens={self.num_tokens} --calib_seq_len={self.seq_len}")
 
 
 def detect_format(path: str) -> str:
@@ -75,7 +107,8 @@ def _provenance(input_path: str, method: str, seed: int, before: int, after: int
 
 
 def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int, method: str = "mean",
-                       seed: int = 0, *, overwrite: bool = False) -> dict[str, Any]:
+                       seed: int = 0, *, overwrite: bool = False,
+                       calibration: CalibrationOptions | None = None) -> dict[str, Any]:
     """Converts this project's checkpoint (or a workdir's latest) to num_kv_heads KV heads.
 
     The output holds params and meta only (uptraining starts a fresh optimizer). Its meta has
@@ -85,20 +118,23 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int, met
     data_position is None (a new run); the input's step, source_step, data_position and
     provenance are kept under provenance['source'], and its 'tokenizer', 'data' and 'hf_config'
     entries are also carried to the top level (where evaluate, train and export read them).
+    calibration: for the methods that read activations (merging.METHODS), default
+    CalibrationOptions().
     """
     from gqa_uptrain import checkpoints  # noqa: PLC0415
 
-    if method not in pooling.METHODS:
-        raise ValueError(f"method={method!r} is not one of {pooling.METHODS}")
+    merging.parse_method(method)
     detect_format(input_path)
     hf.check_output_path(input_path, output_path, overwrite)
     resolved = checkpoints.resolve(input_path)
     meta_in = checkpoints.read_meta(resolved)
     pooling.check_num_kv_heads(meta_in.model_config.num_kv_heads, num_kv_heads)
+    calib_tokenizer = _checkpoint_tokenizer(meta_in, method, calibration)
     resolved, params, meta_in = _restore(resolved)
-    new_params, new_config = pooling.convert_params(params, meta_in.model_config, num_kv_heads,
-                                                    method, seed)
+    new_params, new_config, calib = _convert_params(
+        params, meta_in.model_config, num_kv_heads, method, seed, calibration, calib_tokenizer)
     provenance = _provenance(resolved, method, seed, meta_in.model_config.num_kv_heads, num_kv_heads)
+    provenance.update(calib)
     # What evaluate/train/export look up at the top level stays there: the tokenizer spec, the data
     # spec, the Hugging Face config the model came from.
     for key in _CARRIED:
@@ -114,19 +150,22 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int, met
                             provenance=provenance)
     checkpoints.save(output_path, new_params, meta, overwrite=overwrite)
     return {"input_format": "checkpoint", "output_format": "checkpoint", "input": resolved,
-            "method": method, "seed": seed, "source_step": meta.source_step,
+            "method": method, "seed": seed, "source_step": meta.source_step, **calib,
             **_summary_from_config(meta_in.model_config, num_kv_heads)}
 
 
-def _hf_to_checkpoint(input_path, output_path, num_kv_heads, method, seed, overwrite):
+def _hf_to_checkpoint(input_path, output_path, num_kv_heads, method, seed, overwrite, calibration):
     from gqa_uptrain import checkpoints  # noqa: PLC0415
 
     hf_config = hf.read_hf_config(input_path)
     hf.check_output_path(input_path, output_path, overwrite)
     pooling.check_num_kv_heads(hf.hf_layout(hf_config).num_kv_heads, num_kv_heads)
+    calib_tokenizer = _hf_tokenizer(input_path, method, calibration)
     params, config = hf.load_hf_model(input_path)
-    new_params, new_config = pooling.convert_params(params, config, num_kv_heads, method, seed)
+    new_params, new_config, calib = _convert_params(params, config, num_kv_heads, method, seed,
+                                                    calibration, calib_tokenizer)
     provenance = _provenance(input_path, method, seed, config.num_kv_heads, num_kv_heads)
+    provenance.update(calib)
     # Kept so that exporting after uptraining restores the original config's other fields
     # (token ids, rope layout, max_position_embeddings) and can find the tokenizer again.
     provenance["hf_config"] = dict(hf_config, num_key_value_heads=num_kv_heads)
@@ -137,7 +176,7 @@ def _hf_to_checkpoint(input_path, output_path, num_kv_heads, method, seed, overw
                             provenance=provenance)
     checkpoints.save(output_path, new_params, meta, overwrite=overwrite)
     return {"input_format": "hf", "output_format": "checkpoint",
-            "architecture": hf_config["architectures"][0], "method": method, "seed": seed,
+            "architecture": hf_config["architectures"][0], "method": method, "seed": seed, **calib,
             **_summary_from_config(config, num_kv_heads)}
 
 
@@ -183,7 +222,8 @@ def _export_tokenizer(tokenizer: str | None, provenance: dict[str, Any], has_bas
     return None, False, "none (pass --tokenizer=FOLDER)"
 
 
-def _checkpoint_to_hf(input_path, output_path, num_kv_heads, method, seed, overwrite, tokenizer):
+def _checkpoint_to_hf(input_path, output_path, num_kv_heads, method, seed, overwrite, tokenizer,
+                      calibration):
     from gqa_uptrain import checkpoints  # noqa: PLC0415
 
     detect_format(input_path)
@@ -193,29 +233,134 @@ def _checkpoint_to_hf(input_path, output_path, num_kv_heads, method, seed, overw
     resolved = checkpoints.resolve(input_path)
     meta_in = checkpoints.read_meta(resolved)
     pooling.check_num_kv_heads(meta_in.model_config.num_kv_heads, num_kv_heads)
+    calib_tokenizer = _checkpoint_tokenizer(meta_in, method, calibration)
     resolved, params, meta_in = _restore(resolved)
-    new_params, new_config = pooling.convert_params(params, meta_in.model_config, num_kv_heads,
-                                                    method, seed)
+    new_params, new_config, calib = _convert_params(
+        params, meta_in.model_config, num_kv_heads, method, seed, calibration, calib_tokenizer)
     base = _hf_base_config(meta_in.provenance)
     tokenizer, byte_tokenizer, tokenizer_note = _export_tokenizer(
         tokenizer, meta_in.provenance, base is not None, new_config.vocab_size)
     provenance = _provenance(resolved, method, seed, meta_in.model_config.num_kv_heads,
                              num_kv_heads)
     provenance["source"] = {"step": meta_in.step, "source_step": meta_in.source_step}
+    provenance.update(calib)
     hf.export_hf(new_params, new_config, output_path, tokenizer_folder=tokenizer,
                  base_hf_config=base, byte_tokenizer=byte_tokenizer, provenance=provenance,
                  overwrite=overwrite)
     return {"input_format": "checkpoint", "output_format": "hf", "input": resolved,
-            "method": method, "seed": seed, "tokenizer": tokenizer_note,
+            "method": method, "seed": seed, "tokenizer": tokenizer_note, **calib,
             **_summary_from_config(meta_in.model_config, num_kv_heads)}
+
+
+# ----------------------------------------------------------------------------- calibrated methods
+
+
+def _hf_tokenizer(folder: str, method: str, calibration: CalibrationOptions | None) -> str | None:
+    """The tokenizer spec for an HF folder's calibration rows (None when the method needs none)."""
+    if not merging.parse_method(method).needs_calibration:
+        return None
+    calibration = calibration or CalibrationOptions()
+    if calibration.tokenizer != "auto":
+        return calibration.tokenizer
+    tok = hf.tokenizer_path(folder)
+    if tok is None:
+        raise ValueError(f"{folder} has no tokenizer.json to tokenize the calibration data of "
+                         f"--method={method} with (pass --calib_tokenizer=byte or a path)")
+    return tok
+
+
+def _checkpoint_tokenizer(meta, method: str, calibration: CalibrationOptions | None) -> str | None:
+    """The tokenizer spec for a checkpoint's calibration rows: --calib_tokenizer, else the one its
+    provenance records ('byte' or a tokenizer.json), else byte-level for a byte-sized vocabulary of
+    a model trained here (as the export's tokenizer rule)."""
+    if not merging.parse_method(method).needs_calibration:
+        return None
+    calibration = calibration or CalibrationOptions()
+    if calibration.tokenizer != "auto":
+        return calibration.tokenizer
+    spec = meta.provenance.get("tokenizer")
+    if spec == "byte" or (spec and os.path.exists(spec)):
+        return spec
+    if spec:
+        raise ValueError(f"the checkpoint's tokenizer {spec} is gone; pass --calib_tokenizer")
+    if _hf_base_config(meta.provenance) is None and 256 <= meta.model_config.vocab_size <= 512:
+        return "byte"
+    raise ValueError(f"cannot tell which tokenizer the checkpoint uses for --method={method}'s "
+                     "calibration data (pass --calib_tokenizer=byte or a tokenizer.json path)")
+
+
+def _convert_params(params, config, num_kv_heads, method, seed, calibration, tokenizer
+                    ) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """Pools (pooling.py) or, for the other methods, converts in memory (calibration.py).
+    Returns (params, config, what to add to the summary and provenance)."""
+    spec = merging.parse_method(method)
+    if spec.is_pooling:
+        new_params, new_config = pooling.convert_params(params, config, num_kv_heads, method, seed)
+        return new_params, new_config, {}
+    from gqa_uptrain import calibration as calibration_lib  # noqa: PLC0415 (jax)
+
+    info: dict[str, Any] = {"in_memory": True}
+    rows = {}
+    if spec.needs_calibration:
+        calibration = calibration or CalibrationOptions()
+        rows = calibration_lib.calibration_rows(tokenizer, calibration.data,
+                                                calibration.num_tokens, calibration.seq_len, seed)
+        info["calibration"] = {"data": calibration.data, "num_tokens": int(rows["inputs"].size),
+                               "seq_len": calibration.seq_len, "tokenizer": tokenizer,
+                               "seed": seed, "split": "train"}
+    report: dict[str, Any] = {}
+    new_params, new_config = calibration_lib.convert_params_calibrated(
+        params, config, num_kv_heads, method, seed=seed, report=report,
+        calib_tokens=rows.get("inputs"), segment_ids=rows.get("segment_ids"),
+        positions=rows.get("positions"))
+    layers = report.get("layers", [])
+    costs = [l["group_cost"] for l in layers if l.get("group_cost")]
+    if costs:
+        info["group_cost"] = [sum(c["contiguous"] for c in costs), sum(c["chosen"] for c in costs)]
+        info["kv_perms"] = [l["kv_perm"] for l in layers]
+    fits = [l for l in layers if "objective_fit" in l]
+    if fits:
+        info["k_objective"] = [sum(l["objective_mean"] for l in fits),
+                               sum(l["objective_fit"] for l in fits)]
+    if report.get("calibration_fallback"):
+        info["calibration_fallback"] = report["calibration_fallback"]
+    return new_params, new_config, info
+
+
+def _hf_to_hf_in_memory(input_path, output_path, num_kv_heads, method, seed, overwrite,
+                        calibration):
+    """HF -> HF for the methods that need the whole model: import, convert, export (config.json
+    rebuilt from the input's, which keeps every field it does not set; tokenizer files copied)."""
+    hf_config = hf.read_hf_config(input_path)
+    hf.check_output_path(input_path, output_path, overwrite)
+    layout = hf.hf_layout(hf_config)
+    pooling.check_num_kv_heads(layout.num_kv_heads, num_kv_heads)
+    tokenizer = _hf_tokenizer(input_path, method, calibration)
+    params, config = hf.load_hf_model(input_path)
+    new_params, new_config, calib = _convert_params(params, config, num_kv_heads, method, seed,
+                                                    calibration, tokenizer)
+    provenance = _provenance(input_path, method, seed, config.num_kv_heads, num_kv_heads)
+    provenance.update(calib)
+    has_tokenizer = any(os.path.isfile(os.path.join(input_path, f))
+                        for f in hf.TOKENIZER_FILES if f != "generation_config.json")
+    hf.export_hf(new_params, new_config, output_path,
+                 tokenizer_folder=input_path if has_tokenizer else None,
+                 base_hf_config=hf_config, byte_tokenizer=False, provenance=provenance,
+                 overwrite=overwrite)
+    return {"input_format": "hf", "output_format": "hf", "architecture": layout.architecture,
+            "method": method, "seed": seed, **calib, **_summary_from_config(config, num_kv_heads)}
 
 
 def convert(input_path: str, output_path: str, num_kv_heads: int, method: str = "mean",
             seed: int = 0, *, output_format: str = "auto", overwrite: bool = False,
-            tokenizer: str | None = None) -> dict[str, Any]:
-    """Detects the input's format and converts; returns the summary dict that main() prints."""
-    if method not in pooling.METHODS:
-        raise ValueError(f"method={method!r} is not one of {pooling.METHODS}")
+            tokenizer: str | None = None,
+            calibration: CalibrationOptions | None = None) -> dict[str, Any]:
+    """Detects the input's format and converts; returns the summary dict that main() prints.
+
+    method: any of merging.METHODS. The plain pooling methods stream HF -> HF one tensor at a time;
+    the others load the whole model (and read `calibration` rows when they need activations).
+    """
+    spec = merging.parse_method(method)
     if output_format not in ("auto",) + FORMATS:
         raise ValueError(f"output_format={output_format!r} is not one of auto, {', '.join(FORMATS)}")
     input_format = detect_format(input_path)
@@ -225,16 +370,21 @@ def convert(input_path: str, output_path: str, num_kv_heads: int, method: str = 
     if input_format == "hf" and out_format == "hf":
         if tokenizer is not None:
             raise ValueError("--tokenizer does not apply to hf -> hf (the input's tokenizer is copied)")
-        summary = hf.convert_hf_folder(input_path, output_path, num_kv_heads, method, seed,
-                                       overwrite=overwrite)
+        if spec.is_pooling:
+            summary = hf.convert_hf_folder(input_path, output_path, num_kv_heads, method, seed,
+                                           overwrite=overwrite)
+        else:
+            summary = _hf_to_hf_in_memory(input_path, output_path, num_kv_heads, method, seed,
+                                          overwrite, calibration)
     elif input_format == "hf":
-        summary = _hf_to_checkpoint(input_path, output_path, num_kv_heads, method, seed, overwrite)
+        summary = _hf_to_checkpoint(input_path, output_path, num_kv_heads, method, seed, overwrite,
+                                    calibration)
     elif out_format == "hf":
         summary = _checkpoint_to_hf(input_path, output_path, num_kv_heads, method, seed, overwrite,
-                                    tokenizer)
+                                    tokenizer, calibration)
     else:
         summary = convert_checkpoint(input_path, output_path, num_kv_heads, method, seed,
-                                     overwrite=overwrite)
+                                     overwrite=overwrite, calibration=calibration)
     summary.setdefault("input", os.path.abspath(input_path))
     summary["output"] = os.path.abspath(output_path)
     return summary
@@ -257,7 +407,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     s = summary
     numbers = kv_numbers(s)
     params, cache = numbers["kv_projection_params"], numbers["kv_cache_bytes_per_token"]
-    seed = f", seed={s['seed']}" if s["method"] == "random" else ""
+    seed = f", seed={s['seed']}" if s["method"] == "random" or "calibration" in s else ""
     lines = [
         f"converted {s['input']} ({s['input_format']}) -> {s['output']} ({s['output_format']}), "
         f"method={s['method']}{seed}",
@@ -273,6 +423,24 @@ def format_summary(summary: dict[str, Any]) -> str:
     if s.get("not_copied"):
         lines.append(f"not copied (weights in other formats, subfolders, hidden files): "
                      f"{', '.join(s['not_copied'])}")
+    if s.get("in_memory"):
+        lines.append("whole model loaded in memory (method reads all heads of a layer at once; "
+                     "no streaming)")
+    if "calibration" in s:
+        c = s["calibration"]
+        lines.append(f"calibration: {c['num_tokens']:,} tokens ({c['num_tokens'] // c['seq_len']} "
+                     f"rows of {c['seq_len']}) from {c['data']} ({c['split']} split), tokenizer "
+                     f"{c['tokenizer']}, seed {c['seed']}")
+    if s.get("calibration_fallback"):
+        lines.append(f"calibration fallback: {s['calibration_fallback']}")
+    if "group_cost" in s:
+        before, after = s["group_cost"]
+        lines.append(f"grouping cost (K/V distance to group means, all layers): contiguous "
+                     f"{before:.4g} -> chosen {after:.4g}")
+    if "k_objective" in s:
+        before, after = s["k_objective"]
+        lines.append(f"K logit error on calibration data (all layers): mean {before:.4g} -> "
+                     f"fit {after:.4g}")
     if "source_step" in s:
         lines.append(f"source_step (training steps behind the input): {s['source_step']}")
     if "tokenizer" in s:
@@ -287,13 +455,38 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(prog="python -m gqa_uptrain.convert",
-                description="Convert an MHA/GQA model to fewer KV heads by pooling K/V heads.")
+                description="Convert an MHA/GQA model to fewer KV heads by pooling K/V heads.",
+                epilog="Methods are [GROUPING+]MERGE. MERGE: mean (the paper's), first, random "
+                       "(pool contiguous groups, streaming one tensor at a time), fit (merge "
+                       "each group's K/V so that every member head's attention logits and outputs "
+                       "change least on calibration data), or fit_o (fit, then re-fit each query "
+                       "head's output projection to the merged values by least squares on "
+                       "calibration data). GROUPING: similar (group the heads "
+                       "whose K/V activations on calibration data are most alike) or "
+                       "similar_weights (alike by K/V weights), then permute the heads so that "
+                       "groups are contiguous. 'similar', 'fit' and 'fit_o' read activations on "
+                       "calibration rows (--calib_*, the train split, deterministic under "
+                       "--seed), so these methods (and similar_weights) need the whole model in "
+                       "memory: no streaming. See gqa_uptrain/merging.py for the exact "
+                       "objectives.")
     p.add_argument("--input", required=True, help="Hugging Face folder, or checkpoint / workdir")
     p.add_argument("--output", required=True, help="where to write (must not exist)")
     p.add_argument("--num_kv_heads", type=int, required=True,
                    help="G: KV heads after conversion; must divide the current number")
-    p.add_argument("--method", default="mean", choices=pooling.METHODS)
-    p.add_argument("--seed", type=int, default=0, help="for --method=random")
+    p.add_argument("--method", default="mean", choices=merging.METHODS,
+                   help="how K/V heads are grouped and merged (see below); default mean")
+    p.add_argument("--seed", type=int, default=0,
+                   help="for --method=random, and the choice of calibration documents")
+    p.add_argument("--calib_data", default="stdlib",
+                   help="calibration source for similar/fit/fit_o: 'stdlib' (the Python standard "
+                        "library's source, this project's default corpus) or comma-separated "
+                        "globs of local .txt/.jsonl/.parquet files ('text' field); its train split")
+    p.add_argument("--calib_tokens", type=int, default=16384,
+                   help="calibration size in tokens (rounded down to whole rows)")
+    p.add_argument("--calib_seq_len", type=int, default=256, help="calibration row length")
+    p.add_argument("--calib_tokenizer", default="auto",
+                   help="'auto' (the input's own tokenizer; byte-level for a model trained here), "
+                        "'byte', or a tokenizer.json path")
     p.add_argument("--output_format", default="auto", choices=("auto",) + FORMATS)
     p.add_argument("--tokenizer", default=None,
                    help="checkpoint -> hf: folder (or tokenizer.json) whose tokenizer to ship")
@@ -304,9 +497,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        calibration = CalibrationOptions(args.calib_data, args.calib_tokens, args.calib_seq_len,
+                                         args.calib_tokenizer)
         summary = convert(args.input, args.output, args.num_kv_heads, args.method, args.seed,
                           output_format=args.output_format, overwrite=args.overwrite,
-                          tokenizer=args.tokenizer)
+                          tokenizer=args.tokenizer, calibration=calibration)
     except (ValueError, OSError) as e:
         message = " ".join(str(e).split())  # one line, whatever the exception held
         print(f"error: {message}", file=sys.stderr)
