@@ -49,7 +49,7 @@ def hf_decode_step(config: ModelConfig, batch: int, context: int, *, seed: int =
     cache = transformers.StaticCache(config=model.config, max_cache_len=context + 1)
     tokens = torch.zeros((batch, 1), dtype=torch.long)
     with torch.inference_mode():
-        model(tokens, past_key_values=cache, cache_position=torch.tensor([0]), use_cache=True)
+        model(tokens, cache=cache, cache_position=torch.tensor([0]), use_cache=True)
         for layer in cache.layers:  # allocated by the first call: [batch, kv_heads, max_len, head_dim]
             layer.keys.normal_()
             layer.values.normal_()
@@ -59,7 +59,7 @@ def hf_decode_step(config: ModelConfig, batch: int, context: int, *, seed: int =
         with torch.inference_mode():
             for layer in cache.layers:
                 layer.cumulative_length.fill_(context)
-            return model(tokens, past_key_values=cache, cache_position=position,
+            return model(tokens, cache=cache, cache_position=position,
                          use_cache=True).logits
 
     run()

@@ -5,7 +5,8 @@
 - A bytes/FLOPs model of one decode step (all layers, KV cache of `context` tokens), and its
   roofline time max(bytes / bandwidth, flops / peak).
 - `measure_decode`: ms per token of this project's decode step, variants alternated, median of
-  repeats. The experiment suite's speed numbers come from this one function.
+  repeats. The experiment suite's speed numbers come from this one function. It is
+  `measure_alternating`, the timer every benchmark uses (training steps, converter runs too).
 """
 
 from __future__ import annotations
@@ -85,6 +86,26 @@ def decode_cost(config: model_lib.ModelConfig, batch: int, context: int,
                       kv_write_bytes=int(batch * per_token), flops=int(flops))
 
 
+def matmul_params(config: model_lib.ModelConfig) -> int:
+    """Parameters that are matmul weights for every token: all but the input embedding (a gather),
+    which a tied embedding is anyway as the output head. Norm scales are counted (negligible)."""
+    params = model_lib.abstract_params(config)
+    embed = int(np.prod(params["embed"].shape))
+    return model_lib.count_params(params) - (0 if config.tie_embeddings else embed)
+
+
+def train_flops_per_token(config: model_lib.ModelConfig, seq_len: int) -> int:
+    """Model FLOPs of one trained token, forward + backward (PaLM, appendix B):
+
+        6 · matmul_params + 12 · layers · seq_len · num_heads · head_dim
+
+    the second term being q·k and p·v (2 matmuls x 2 FLOPs x 3 for forward + backward) over the
+    whole sequence, as is conventional (a causal kernel may skip half of it). What MFU divides by.
+    """
+    c = config
+    return 6 * matmul_params(c) + 12 * c.num_layers * seq_len * c.num_heads * c.head_dim
+
+
 def decode_step_setup(config: model_lib.ModelConfig, batch: int, context: int, *, seed: int = 0,
                       cache_dtype=None, implementation: str = "auto"):
     """A model with random weights and a cache holding `context` tokens; returns a no-arg step.
@@ -115,11 +136,13 @@ def decode_step_setup(config: model_lib.ModelConfig, batch: int, context: int, *
     return run
 
 
-def measure_decode(variants: Sequence[tuple[str, Callable[[], object]]], repeats: int = 5,
-                   warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each named no-arg step, variants alternated round-robin.
+def measure_alternating(variants: Sequence[tuple[str, Callable[[], object]]], repeats: int = 5,
+                        warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each named no-arg callable, variants alternated round-robin.
 
     Alternating spreads the machine's slow phases over all variants, so their ratios are fair.
+    A callable's result is waited for with jax.block_until_ready (a no-op for anything that is not
+    a jax array: a torch step on CPU is done when it returns).
     """
     for _ in range(warmup):
         for _, fn in variants:
@@ -131,6 +154,13 @@ def measure_decode(variants: Sequence[tuple[str, Callable[[], object]]], repeats
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - start)
     return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def measure_decode(variants: Sequence[tuple[str, Callable[[], object]]], repeats: int = 5,
+                   warmup: int = 1) -> dict[str, float]:
+    """Median seconds per decode step of each named no-arg step (e.g. from decode_step_setup or
+    peers.hf_decode_step), variants alternated round-robin (measure_alternating)."""
+    return measure_alternating(variants, repeats, warmup)
 
 
 def decode_ms_per_token(config: model_lib.ModelConfig, batch: int, context: int,
