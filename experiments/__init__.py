@@ -1,0 +1,1 @@
+"""The reproduction suite (reproduce.py is its command line); see suite.py."""

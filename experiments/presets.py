@@ -1,0 +1,168 @@
+"""The reproduction suite's presets: model, pretraining length P, which runs, and the speed setting.
+
+A preset is data; experiments/suite.py turns it into runs. Each preset's docstring records its token
+arithmetic: params, tokens per step, steps of every run, alpha x P. Throughputs quoted are the
+ones measured on this project's 2-core CPU (../shared/ENVIRONMENT.md: ~1.8k tokens/s for a 3-4M
+param model, ~7k for a 1M one); the 'cpu' preset's wall time is an estimate from them until a real
+run is recorded in the README.
+
+Run counts, with A = ablation KV heads, S = seeds, M = ablation methods, W = sweep KV heads, B =
+scratch KV heads, alpha = 0.05 and alpha_max = 0.1 (in steps of P):
+    pretrain (MHA)           P
+    continue (MHA)           alpha P
+    uptrain, every G < N     alpha P each                      (mean, seed 0)
+    ablation                 alpha P x (|A| x M x S - |A|)      (mean seed 0 is the uptrain run)
+    sweep (Fig. 5)           alpha_max P x |W|                  (checkpoints at every alpha)
+    scratch                  (1 + alpha) P x |B|
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+# The paper's uptraining proportions (Fig. 5) and its headline alpha.
+SWEEP_ALPHAS = (0.0, 0.01, 0.02, 0.05, 0.1)
+ALPHA = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    # model.ModelConfig fields; vocab 257 (byte tokenizer), num_kv_heads = num_heads (the MHA source)
+    d_model: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    seq_len: int
+    batch_size: int
+    pretrain_steps: int  # P
+    pretrain_warmup_steps: int
+    kv_heads: tuple[int, ...]  # every G < num_heads: converted, evaluated at alpha 0, uptrained
+    sweep_kv_heads: tuple[int, ...]  # Fig. 5: one constant-schedule uptraining run each
+    ablation_kv_heads: tuple[int, ...]  # Fig. 4
+    ablation_methods: tuple[str, ...]  # names in suite.CONVERTERS; a methods preset lists its own
+    ablation_seeds: tuple[int, ...]
+    scratch_kv_heads: tuple[int, ...]  # GQA from scratch for (1 + alpha) P steps
+    eval_batches: int  # validation batches of batch_size x seq_len per evaluation; -1 = whole split
+    speed_batch: int  # decode timing: sequences per step ...
+    speed_context: int  # ... each holding this many cached tokens
+    speed_repeats: int
+    doc: str = ""  # the token arithmetic (printed by --list_presets)
+    alpha: float = ALPHA
+    sweep_alphas: tuple[float, ...] = SWEEP_ALPHAS
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    def steps(self, alpha: float) -> int:
+        """Uptraining steps for proportion alpha of pretraining."""
+        return round(alpha * self.pretrain_steps)
+
+    @property
+    def uptrain_warmup_steps(self) -> int:
+        # Warmup ends at the alpha = 0.01 checkpoint, so every swept point past it was trained at
+        # the full rate (and the alpha = 0.05 runs warm up for a fifth of their steps).
+        return max(1, self.steps(min(a for a in self.sweep_alphas if a > 0)))
+
+    def total_steps(self) -> dict[str, int]:
+        """Training steps per kind of run (the docstring's table), and their sum."""
+        up = self.steps(self.alpha)
+        out = {
+            "pretrain": self.pretrain_steps,
+            "continue": up,
+            "uptrain": up * len(self.kv_heads),
+            "ablation": up * (len(self.ablation_kv_heads) * len(self.ablation_methods)
+                              * len(self.ablation_seeds) - len(self.ablation_kv_heads)),
+            "sweep": self.steps(max(self.sweep_alphas)) * len(self.sweep_kv_heads),
+            "scratch": (self.pretrain_steps + up) * len(self.scratch_kv_heads),
+        }
+        out["total"] = sum(out.values())
+        return out
+
+    def validate(self) -> None:
+        """ValueError naming the first inconsistency."""
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        for field in ("kv_heads", "sweep_kv_heads", "ablation_kv_heads", "scratch_kv_heads"):
+            for g in getattr(self, field):
+                if not 1 <= g < self.num_heads or self.num_heads % g:
+                    raise ValueError(f"{field} holds num_kv_heads={g}: it must divide "
+                                     f"num_heads={self.num_heads} and be smaller")
+        for field in ("sweep_kv_heads", "ablation_kv_heads"):
+            if not set(getattr(self, field)) <= set(self.kv_heads):
+                raise ValueError(f"{field}={getattr(self, field)} must be a subset of "
+                                 f"kv_heads={self.kv_heads}")
+        steps = [self.steps(a) for a in self.sweep_alphas]
+        if steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"sweep_alphas={self.sweep_alphas} x P={self.pretrain_steps} give "
+                             f"steps {steps}: they must start at 0 and strictly increase")
+        if self.alpha not in self.sweep_alphas:
+            raise ValueError(f"alpha={self.alpha} must be one of sweep_alphas={self.sweep_alphas}")
+
+    @property
+    def sweep_checkpoint_every(self) -> int:
+        return math.gcd(*[self.steps(a) for a in self.sweep_alphas if a > 0])
+
+
+TINY = Preset(
+    name="tiny",
+    doc="""For tests: seconds per run (compilation), numbers meaningless.
+13k params (d 16, 1 layer, 2 heads of 8: G in {1, 2}); 4 x 32 = 128 tokens/step; P = 100 steps
+(12.8k tokens); alpha P = 5 steps; ablation on MQA with 2 seeds; 250 training steps in all.""",
+    d_model=16, num_layers=1, num_heads=2, mlp_dim=32, seq_len=32, batch_size=4,
+    pretrain_steps=100, pretrain_warmup_steps=10,
+    kv_heads=(1,), sweep_kv_heads=(1,), ablation_kv_heads=(1,),
+    ablation_methods=("mean", "first", "random"), ablation_seeds=(0, 1), scratch_kv_heads=(1,),
+    eval_batches=2, speed_batch=2, speed_context=256, speed_repeats=3)
+
+QUICK = Preset(
+    name="quick",
+    doc="""Every kind of run at toy scale, <= 10 minutes on 2 CPU cores (mostly compilation).
+140k params (d 64, 2 layers, 8 heads of 8); 8 x 128 = 1,024 tokens/step; P = 300 steps (0.31M
+tokens); alpha P = 15 steps (alpha = 0.01: 3 steps, noise); 1,290 training steps = 1.3M tokens in all;
+evaluations on 16 x 8 x 128 = 16k validation tokens. Decode timed at batch 8 x 4,096 tokens.""",
+    d_model=64, num_layers=2, num_heads=8, mlp_dim=192, seq_len=128, batch_size=8,
+    pretrain_steps=300, pretrain_warmup_steps=20,
+    kv_heads=(1, 2, 4), sweep_kv_heads=(1, 2), ablation_kv_heads=(1, 2),
+    ablation_methods=("mean", "first", "random"), ablation_seeds=(0, 1, 2), scratch_kv_heads=(1, 2),
+    eval_batches=16, speed_batch=8, speed_context=4096, speed_repeats=5)
+
+CPU = Preset(
+    name="cpu",
+    doc="""The default: <= 60 minutes on 2 CPU cores (estimate; calibrate with a real run).
+0.92M params (d 128, 4 layers, 8 heads of 16, MLP 384); 16 x 256 = 4,096 tokens/step;
+P = 1,000 steps = 4.1M tokens; alpha P = 50 steps (alpha = 0.01: 10 steps); training steps:
+pretrain 1,000 + continue 50 + uptrain 150 + ablation 800 + sweep 200 + scratch 2,100 = 4,300 steps
+= 17.6M tokens ≈ 42 minutes at ~7k tokens/s, plus ~42 evaluations of the whole validation split
+(~120k tokens each, ~6 s) ≈ 4 minutes, compilation and decode timing (batch 8 x 8,192 tokens:
+MHA's cache is 256 MiB) ≈ 3 minutes.""",
+    d_model=128, num_layers=4, num_heads=8, mlp_dim=384, seq_len=256, batch_size=16,
+    pretrain_steps=1000, pretrain_warmup_steps=30,
+    kv_heads=(1, 2, 4), sweep_kv_heads=(1, 2), ablation_kv_heads=(1, 2),
+    ablation_methods=("mean", "first", "random"), ablation_seeds=(0, 1, 2), scratch_kv_heads=(1, 2),
+    eval_batches=-1, speed_batch=8, speed_context=8192, speed_repeats=10)
+
+FULL = Preset(
+    name="full",
+    doc="""Every run for every G with 5x the pretraining: for an accelerator or a long CPU run.
+3.5M params (d 256, 4 layers, 8 heads of 32, MLP 768); 16 x 256 = 4,096 tokens/step; P = 5,000
+steps = 20.5M tokens; alpha P = 250 steps; training steps: pretrain 5,000 + continue 250 + uptrain
+750 + ablation 6,000 + sweep 1,500 + scratch 15,750 = 29,250 steps = 120M tokens: ≈ 17 hours on
+this 2-core CPU at ~2k tokens/s; on a GPU the small model is launch-bound (time it there).
+Decode timed at batch 16 x 8,192 tokens (MHA's cache: 1 GiB).""",
+    d_model=256, num_layers=4, num_heads=8, mlp_dim=768, seq_len=256, batch_size=16,
+    pretrain_steps=5000, pretrain_warmup_steps=100,
+    kv_heads=(1, 2, 4), sweep_kv_heads=(1, 2, 4), ablation_kv_heads=(1, 2, 4),
+    ablation_methods=("mean", "first", "random"), ablation_seeds=(0, 1, 2),
+    scratch_kv_heads=(1, 2, 4),
+    eval_batches=-1, speed_batch=16, speed_context=8192, speed_repeats=10)
+
+PRESETS = {p.name: p for p in (TINY, QUICK, CPU, FULL)}
+for _p in PRESETS.values():
+    _p.validate()

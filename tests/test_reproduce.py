@@ -1,0 +1,294 @@
+"""The reproduction suite (experiments/): the runner end to end on the tiny preset, skipping finished
+runs, record validation, table.md regeneration, and the README's table against committed results."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from experiments import presets, results, suite  # noqa: E402
+from gqa_uptrain import checkpoints, train  # noqa: E402
+
+# Where the README's results come from (issue 6): the committed results of a `cpu` run, and the
+# README section holding the table between these markers.
+COMMITTED_RESULTS = os.path.join(REPO, "experiments", "results", "cpu", "results.json")
+README = os.path.join(REPO, "README.md")
+TABLE_BEGIN, TABLE_END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _reproduce(output_dir: str, cache_dir: str, *extra: str) -> subprocess.CompletedProcess:
+    # The tiny preset's cost is compiling its ~10 distinct programs (each training length bakes its
+    # schedule in), not running them: XLA's cheap mode compiles them ~3x faster (same losses here).
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=REPO, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "experiments", "reproduce.py"), "--preset=tiny",
+         f"--output_dir={output_dir}", f"--compilation_cache_dir={cache_dir}", *extra],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def _checkpoint_dirs(output_dir: str) -> set[str]:
+    found = set()
+    for root, dirs, _ in os.walk(os.path.join(output_dir, "runs")):
+        found.update(os.path.join(root, d) for d in dirs if checkpoints.is_checkpoint(
+            os.path.join(root, d)))
+    return found
+
+
+@pytest.mark.slow
+def test_tiny_suite_writes_every_output_then_skips_finished_runs(tmp_path):
+    out, cache = str(tmp_path / "out"), str(tmp_path / "jax_cache")
+    _reproduce(out, cache)
+    preset = presets.TINY
+
+    # results.json: one valid record per planned run, with the documented fields.
+    obj = results.load_results(os.path.join(out, "results.json"))
+    results.validate_results(obj)
+    names = [r["name"] for r in obj["records"]]
+    assert names == [run.name for run in suite.plan(preset)]
+    assert {r["kind"] for r in obj["records"]} == set(results.KINDS)
+    for r in obj["records"]:
+        assert set(r) == set(results.FIELDS)
+        # KV bytes by hand: K and V, every layer, G heads of head_dim fp32 values.
+        assert r["kv_cache_bytes_per_token"] == (2 * preset.num_layers * r["num_kv_heads"]
+                                                 * preset.head_dim * 4)
+    by_name = {r["name"]: r for r in obj["records"]}
+    # Sweep points come from checkpoints evaluated after training; the last one is also the
+    # trainer's own final evaluation: two paths to the same number.
+    top = preset.steps(max(preset.sweep_alphas))
+    with open(os.path.join(out, "runs", "sweep_g1_mean_s0", train.METRICS_FILE)) as f:
+        final = [json.loads(line) for line in f][-1]
+    assert final["step"] == top
+    assert by_name["sweep_g1_mean_a0.1_s0"]["val_loss"] == pytest.approx(final["val/loss"],
+                                                                         rel=1e-5)
+    assert all(os.path.isdir(checkpoints.step_dir(os.path.join(out, "runs", "sweep_g1_mean_s0"),
+                                                  preset.steps(a)))
+               for a in preset.sweep_alphas if a > 0)
+    # The converted model before uptraining is the sweep's alpha = 0 point; uptraining moves it.
+    assert by_name["uptrain_g1_mean_a0.05_s0"]["val_loss"] != by_name["convert_g1_mean_s0"]["val_loss"]
+    # Only `random` depends on the conversion seed.
+    assert "convert_g1_random_s1" in by_name and "convert_g1_first_s1" not in by_name
+
+    with open(os.path.join(out, "table.md")) as f:
+        assert f.read() == results.make_table(obj)
+    for name in ("quality_vs_speed.png", "quality_vs_alpha.png", "ablation.png"):
+        with open(os.path.join(out, name), "rb") as f:
+            head = f.read(8)
+        assert head == PNG_MAGIC and os.path.getsize(os.path.join(out, name)) > 5000, name
+
+    # Second invocation: every finished run is skipped; a record lost after its training finished
+    # (killed between the two) is rebuilt from the workdir's metrics without training again.
+    lost = "uptrain_g1_first_a0.05_s1"
+    os.remove(os.path.join(out, "records", f"{lost}.json"))
+    mtimes = {n: os.path.getmtime(os.path.join(out, "records", f"{n}.json"))
+              for n in names if n != lost}
+    ckpts = _checkpoint_dirs(out)
+    again = _reproduce(out, cache).stdout
+    ran = re.findall(r"^\[reproduce\] run (\S+)", again, re.M)
+    assert ran == [lost], again
+    assert "new run" not in again and "resumed from" not in again  # train.py never started
+    assert len(re.findall(r"^\[reproduce\] skip ", again, re.M)) == len(names)  # speed + others
+    assert _checkpoint_dirs(out) == ckpts
+    assert mtimes == {n: os.path.getmtime(os.path.join(out, "records", f"{n}.json"))
+                      for n in mtimes}
+    obj2 = results.load_results(os.path.join(out, "results.json"))
+    assert obj2["records"] == obj["records"]
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def _good_record(**changes):
+    preset = presets.TINY
+    config = suite.source_model_config(preset)
+    record = {"name": "uptrain_g1_random_a0.05_s2", "kind": "uptrain", "num_kv_heads": 1,
+              "method": "random", "alpha": 0.05, "seed": 2, "steps": 5, "val_loss": 2.5,
+              "val_perplexity": math.exp(2.5), "decode_ms_per_token": 1.25,
+              "kv_cache_bytes_per_token": 2 * 1 * 1 * 8 * 4, "wall_seconds": 3.0}
+    record.update(changes)
+    return record, dict(num_heads=preset.num_heads, pretrain_steps=preset.pretrain_steps,
+                        model_config=config)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"val_loss": float("nan")}, "val_loss=nan"),
+    ({"val_loss": float("inf"), "val_perplexity": float("inf")}, "val_loss=inf"),
+    ({"val_perplexity": 10.0}, "exp(val_loss"),
+    ({"decode_ms_per_token": -1.0}, "decode_ms_per_token"),
+    ({"num_kv_heads": 2, "name": "uptrain_g2_random_a0.05_s2",
+      "kv_cache_bytes_per_token": 64}, "fewer KV heads"),
+    ({"num_kv_heads": 3}, "does not divide"),
+    ({"method": "mean"}, "the fields spell 'uptrain_g1_mean_a0.05_s2'"),
+    ({"method": "scratch", "name": "uptrain_g1_scratch_a0.05_s2"}, "conversion method"),
+    ({"alpha": 0.1}, "steps=5"),
+    ({"alpha": 0.1, "steps": 10}, "the fields spell 'uptrain_g1_random_a0.1_s2'"),
+    ({"alpha": 0.0, "steps": 0, "name": "uptrain_g1_random_a0_s2"}, "alpha=0.0 is inconsistent"),
+    ({"kind": "continue", "name": "continue_g1_a0.05_s2"}, "MHA model"),
+    ({"kv_cache_bytes_per_token": 128}, "kv_cache_bytes_per_token=128"),
+    ({"kind": "sideways"}, "kind='sideways'"),
+])
+def test_validate_record_rejects_inconsistent_records(changes, message):
+    good, kw = _good_record()
+    results.validate_record(good, **kw)  # the unchanged record passes
+    bad, _ = _good_record(**changes)
+    with pytest.raises(results.RecordError, match=re.escape(message)):
+        results.validate_record(bad, **kw)
+    missing = dict(good)
+    del missing["wall_seconds"]
+    with pytest.raises(results.RecordError, match="missing fields"):
+        results.validate_record(missing, **kw)
+
+
+def test_run_names_spell_their_fields():
+    assert results.run_name("pretrain", 8, "scratch", 0.0, 0) == "pretrain_g8_s0"
+    assert results.run_name("continue", 8, "none", 0.05, 0) == "continue_g8_a0.05_s0"
+    assert results.run_name("convert", 2, "mean", 0.0, 0) == "convert_g2_mean_s0"
+    assert results.run_name("sweep", 1, "mean", 0.01, 0) == "sweep_g1_mean_a0.01_s0"
+    assert results.run_name("scratch", 4, "scratch", 0.05, 0) == "scratch_g4_a0.05_s0"
+
+
+# ----------------------------------------------------------------------------- presets and plan
+
+
+@pytest.mark.parametrize("name", sorted(presets.PRESETS))
+def test_presets_plan_every_required_run_and_document_their_arithmetic(name):
+    p = presets.PRESETS[name]
+    runs = suite.plan(p)
+    assert len({r.name for r in runs}) == len(runs)
+    kinds = {k: [r for r in runs if r.kind == k] for k in results.KINDS}
+    assert len(kinds["pretrain"]) == len(kinds["continue"]) == 1
+    assert sorted({r.num_kv_heads for r in kinds["uptrain"]}) == sorted(p.kv_heads)
+    expected_ablation = len(p.ablation_kv_heads) * len(p.ablation_methods) * len(p.ablation_seeds)
+    ablated = [r for r in kinds["uptrain"] if r.num_kv_heads in p.ablation_kv_heads]
+    assert len(ablated) == expected_ablation
+    assert len(kinds["sweep"]) == len(p.sweep_kv_heads) * (len(p.sweep_alphas) - 1)
+    # Every run's inputs come before it.
+    seen = set()
+    for r in runs:
+        if r.kind in ("uptrain",):
+            assert results.run_name("convert", r.num_kv_heads, r.method, 0.0,
+                                    suite._convert_seed(r.method, r.seed)) in seen
+        seen.add(r.name)
+    if name != "tiny":  # the paper's setting: >= 8 query heads, G in {1, 2, 4, num_heads}
+        assert p.num_heads >= 8 and {1, 2, 4} <= set(p.kv_heads)
+        assert p.speed_context >= 4096
+    # The docstring's step total is the plan's.
+    assert f"{p.total_steps()['total']:,}" in p.doc
+
+
+def test_preset_validation_names_the_problem():
+    bad = presets.Preset(**{**vars(presets.TINY), "pretrain_steps": 20})  # alpha 0.01 -> 0 steps
+    with pytest.raises(ValueError, match="strictly increase"):
+        bad.validate()
+    bad = presets.Preset(**{**vars(presets.TINY), "kv_heads": (3,)})
+    with pytest.raises(ValueError, match="num_kv_heads=3"):
+        bad.validate()
+
+
+def test_an_output_dir_of_another_preset_is_refused(tmp_path):
+    suite.Suite(presets.TINY, str(tmp_path)).claim_output_dir()
+    suite.Suite(presets.TINY, str(tmp_path)).claim_output_dir()  # same preset: fine
+    other = presets.Preset(**{**vars(presets.TINY), "pretrain_steps": 200})
+    with pytest.raises(ValueError, match="pretrain_steps"):
+        suite.Suite(other, str(tmp_path)).claim_output_dir()
+
+
+# ----------------------------------------------------------------------------- table.md
+
+
+def _synthetic_results():
+    """A results.json object for an 8-head model with hand-picked numbers."""
+    p = presets.CPU
+    config = suite.source_model_config(p)
+
+    def rec(kind, g, method, alpha, seed, loss, ms):
+        return {"name": results.run_name(kind, g, method, alpha, seed), "kind": kind,
+                "num_kv_heads": g, "method": method, "alpha": alpha, "seed": seed,
+                "steps": results.expected_steps(kind, alpha, p.pretrain_steps),
+                "val_loss": loss, "val_perplexity": math.exp(loss), "decode_ms_per_token": ms,
+                "kv_cache_bytes_per_token": 2 * 4 * g * 16 * 4, "wall_seconds": 1.0}
+
+    records = [rec("pretrain", 8, "scratch", 0.0, 0, 2.00, 10.0),
+               rec("continue", 8, "none", 0.05, 0, 1.98, 10.0),
+               rec("convert", 1, "mean", 0.0, 0, 2.50, 4.0),
+               rec("uptrain", 1, "mean", 0.05, 0, 2.08, 4.0),
+               rec("uptrain", 1, "mean", 0.05, 1, 2.10, 4.0),
+               rec("convert", 1, "first", 0.0, 0, 2.90, 4.0),
+               rec("uptrain", 1, "first", 0.05, 0, 2.20, 4.0),
+               rec("uptrain", 1, "first", 0.05, 1, 2.24, 4.0),
+               rec("sweep", 1, "mean", 0.01, 0, 2.30, 4.0),
+               rec("scratch", 1, "scratch", 0.05, 0, 2.15, 4.0)]
+    return {"preset": json.loads(json.dumps(vars(p))), "model": config.to_dict(),
+            "speed": {"batch": 8, "context": 8192, "repeats": 10}, "records": records}
+
+
+def test_table_rows_hold_the_deltas_and_speed_ups():
+    obj = _synthetic_results()
+    results.validate_results(obj)
+    table = results.make_table(obj)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ") and "|---" not in line}
+    # Cells after the label: KV heads, method, α, loss, Δ, perplexity, ms, speed-up, KV MiB.
+    # Δ to the MHA continued (1.98); speed-up = 10 / 4 ms;
+    # KV MiB = 2 (K, V) · 4 layers · 1 head · 16 · 4 B = 512 B/token, × 8 × 8192 tokens = 32 MiB.
+    assert rows["MQA uptrained"][3:] == ["2.0800", "+0.1000", f"{math.exp(2.08):.3f}", "4.00",
+                                         "2.50x", "32.0"]
+    assert rows["MQA converted"][4] == "+0.5200"
+    assert rows["MQA from scratch"][4] == "+0.1700"
+    assert rows["MHA continued α=0.05"][4:7] == ["+0.0000", f"{math.exp(1.98):.3f}", "10.00"]
+    assert rows["MHA continued α=0.05"][8] == "256.0"  # 8 KV heads: 8x MQA's cache
+    # Ablation: mean ± sample std of (2.20, 2.24) = 2.22 ± 0.0283; α = 0 from the convert record.
+    assert "| 1 | first | 2 | 2.9000 | 2.2200 ± 0.0283 |" in table
+    # Sweep: α = 0 is the converted model; missing points are dashes.
+    assert "| 1 | 2.5000 | 2.3000 | – | – | – |" in table
+    assert results.make_table(copy.deepcopy(obj)) == table  # deterministic
+
+
+def test_readme_table_matches_the_committed_results():
+    if not os.path.exists(COMMITTED_RESULTS):
+        pytest.skip(f"no committed results yet ({os.path.relpath(COMMITTED_RESULTS, REPO)}): "
+                    "the README's table is checked once a `cpu` run is committed")
+    with open(README) as f:
+        readme = f.read()
+    assert TABLE_BEGIN in readme and TABLE_END in readme, (
+        f"README.md must hold the results table between {TABLE_BEGIN} and {TABLE_END}")
+    shown = readme.split(TABLE_BEGIN, 1)[1].split(TABLE_END, 1)[0].strip()
+    obj = results.load_results(COMMITTED_RESULTS)
+    results.validate_results(obj)
+    assert shown == results.make_table(obj).strip()
+    with open(os.path.join(os.path.dirname(COMMITTED_RESULTS), "table.md")) as f:
+        assert f.read() == results.make_table(obj)
+
+
+def test_table_only_rewrites_table_and_plots_and_reports_errors_in_one_line(tmp_path, capsys):
+    from experiments import reproduce  # noqa: PLC0415
+
+    obj = _synthetic_results()
+    results.write_json_atomic(str(tmp_path / "results.json"), obj)
+    assert reproduce.main(["--table_only", f"--output_dir={tmp_path}"]) == 0
+    assert (tmp_path / "table.md").read_text() == results.make_table(obj)
+    for name in ("quality_vs_speed.png", "quality_vs_alpha.png", "ablation.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+    obj["records"][3]["val_loss"] = float("nan")
+    results.write_json_atomic(str(tmp_path / "results.json"), obj)
+    capsys.readouterr()
+    assert reproduce.main(["--table_only", f"--output_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "uptrain_g1_mean_a0.05_s0" in err and "val_loss=nan" in err
+    assert reproduce.main(["--table_only", f"--output_dir={tmp_path / 'absent'}"]) == 1
+    assert "results.json" in capsys.readouterr().err
