@@ -361,7 +361,7 @@ class Suite:
             "speed": {k: self.speed[k] for k in ("batch", "context", "repeats")},
             "machine": {"platform": jax.default_backend(),
                         "device": str(jax.devices()[0].device_kind),
-                        "cpu_count": os.cpu_count(), "processor": _cpu_model(),
+                        "cpu_count": os.cpu_count(), "processor": perf.cpu_model(),
                         "python": platform.python_version(), "jax": jax.__version__},
             "records": [self.records[r.name] for r in plan(self.preset)
                         if r.name in self.records],
@@ -415,16 +415,6 @@ def _final_val_loss(workdir: str, num_steps: int) -> float | None:
     return None
 
 
-def _cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else platform.processor()."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def enable_compilation_cache(cache_dir: str) -> None:

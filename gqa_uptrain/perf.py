@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import platform
 import time
 from typing import Callable, Sequence
 
@@ -168,3 +169,15 @@ def decode_ms_per_token(config: model_lib.ModelConfig, batch: int, context: int,
     """ms for one decode step of `batch` sequences at `context` tokens (median of repeats)."""
     run = decode_step_setup(config, batch, context, **setup_kw)
     return measure_decode([("step", run)], repeats=repeats)["step"] * 1e3
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

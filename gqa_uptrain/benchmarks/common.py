@@ -32,24 +32,15 @@ def attempt(fn: Callable[[], Any]) -> tuple[Any, str | None]:
         return None, f"{type(e).__name__}: {first_line}".replace("|", "/")  # keep tables intact
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info() -> dict[str, Any]:
     """Where and when a benchmark ran: what the README's tables cite beside the command."""
     import jax  # noqa: PLC0415
 
+    from gqa_uptrain import perf  # noqa: PLC0415 (imports jax, like the line above)
+
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "cpu": _cpu_model(),
+        "cpu": perf.cpu_model(),
         "cpu_count": os.cpu_count(),
         "platform": jax.default_backend(),
         "device": jax.devices()[0].device_kind,
