@@ -18,6 +18,8 @@ Rerunning the same command after a kill resumes from the workdir's latest checkp
 import ml_collections
 from ml_collections import config_dict
 
+from gqa_uptrain.config_args import parse_config_arg
+
 # Model sizes. 'cpu': 4 layers, d_model 256, 8 heads of 32 (so it can be pooled to 4, 2 or 1 KV
 # heads): 3.5M params. On 2 idle CPU cores a step of 16 x 256 tokens takes ~2.2 s (~1.8k tokens/s,
 # ENVIRONMENT.md; 8 heads of 32 measured as fast as 4 of 64); 350 steps = 1.4M tokens ≈ 13 minutes,
@@ -28,20 +30,10 @@ SIZES = {
 }
 
 
-def _parse_arg(arg, **defaults):
-    """'smoke,size=base' -> {'smoke': True, 'size': 'base'}; unknown keys are errors."""
-    out = dict(defaults)
-    for token in filter(None, (arg or "").split(",")):
-        key, _, value = token.partition("=")
-        if key not in defaults:
-            raise ValueError(f"unknown config argument {key!r} (known: {sorted(defaults)})")
-        kind = type(defaults[key])
-        out[key] = (value in ("", "1", "true", "True")) if kind is bool else kind(value)
-    return out
 
 
 def get_config(arg=None):
-    args = _parse_arg(arg, smoke=False, size="cpu")
+    args = parse_config_arg(arg, smoke=False, size="cpu")
     if args["size"] not in SIZES:
         raise ValueError(f"size={args['size']!r} is not one of {sorted(SIZES)}")
     c = ml_collections.ConfigDict()

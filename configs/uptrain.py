@@ -22,21 +22,13 @@ uptraining continues the same pretraining on the same data; the model comes from
 
 import ml_collections
 
+from gqa_uptrain.config_args import parse_config_arg
 
-def _parse_arg(arg, **defaults):
-    """'smoke,num_kv_heads=2' -> {'smoke': True, 'num_kv_heads': 2, ...}; unknown keys are errors."""
-    out = dict(defaults)
-    for token in filter(None, (arg or "").split(",")):
-        key, _, value = token.partition("=")
-        if key not in defaults:
-            raise ValueError(f"unknown config argument {key!r} (known: {sorted(defaults)})")
-        kind = type(defaults[key])
-        out[key] = (value in ("", "1", "true", "True")) if kind is bool else kind(value)
-    return out
+
 
 
 def get_config(arg=None):
-    args = _parse_arg(arg, num_kv_heads=-1, method="mean", smoke=False)
+    args = parse_config_arg(arg, num_kv_heads=-1, method="mean", smoke=False)
     c = ml_collections.ConfigDict()
     c.seed = 1  # batch order; differs from pretraining's 0 so uptraining does not replay its batches
 
