@@ -87,6 +87,20 @@ def _summary_from_config(config, num_kv_heads_after: int) -> dict[str, Any]:
             "cache_dtype": config.dtype}
 
 
+def _load_and_convert(input_path, num_kv_heads, method, seed, calibration):
+    """Restores this project's checkpoint and converts it: (resolved path, input meta, new params,
+    new config, calibration provenance). G is checked against meta.json before any array is read."""
+    from gqa_uptrain import checkpoints  # noqa: PLC0415 (jax: only on this path)
+
+    meta_in = checkpoints.read_meta(checkpoints.resolve(input_path))
+    pooling.check_num_kv_heads(meta_in.model_config.num_kv_heads, num_kv_heads)
+    calib_tokenizer = _checkpoint_tokenizer(meta_in, method, calibration)
+    resolved, params, meta_in = _restore(input_path)
+    new_params, new_config, calib = _convert_params(
+        params, meta_in.model_config, num_kv_heads, method, seed, calibration, calib_tokenizer)
+    return resolved, meta_in, new_params, new_config, calib
+
+
 def _restore(path: str):
     from gqa_uptrain import checkpoints  # noqa: PLC0415 (jax: only on this path)
 
@@ -126,13 +140,8 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int, met
     merging.parse_method(method)
     detect_format(input_path)
     hf.check_output_path(input_path, output_path, overwrite)
-    resolved = checkpoints.resolve(input_path)
-    meta_in = checkpoints.read_meta(resolved)
-    pooling.check_num_kv_heads(meta_in.model_config.num_kv_heads, num_kv_heads)
-    calib_tokenizer = _checkpoint_tokenizer(meta_in, method, calibration)
-    resolved, params, meta_in = _restore(resolved)
-    new_params, new_config, calib = _convert_params(
-        params, meta_in.model_config, num_kv_heads, method, seed, calibration, calib_tokenizer)
+    resolved, meta_in, new_params, new_config, calib = _load_and_convert(
+        input_path, num_kv_heads, method, seed, calibration)
     provenance = _provenance(resolved, method, seed, meta_in.model_config.num_kv_heads, num_kv_heads)
     provenance.update(calib)
     # What evaluate/train/export look up at the top level stays there: the tokenizer spec, the data
@@ -224,19 +233,12 @@ def _export_tokenizer(tokenizer: str | None, provenance: dict[str, Any], has_bas
 
 def _checkpoint_to_hf(input_path, output_path, num_kv_heads, method, seed, overwrite, tokenizer,
                       calibration):
-    from gqa_uptrain import checkpoints  # noqa: PLC0415
-
     detect_format(input_path)
     hf.check_output_path(input_path, output_path, overwrite)
     if tokenizer is not None and not os.path.exists(tokenizer):
         raise ValueError(f"tokenizer {tokenizer} does not exist")
-    resolved = checkpoints.resolve(input_path)
-    meta_in = checkpoints.read_meta(resolved)
-    pooling.check_num_kv_heads(meta_in.model_config.num_kv_heads, num_kv_heads)
-    calib_tokenizer = _checkpoint_tokenizer(meta_in, method, calibration)
-    resolved, params, meta_in = _restore(resolved)
-    new_params, new_config, calib = _convert_params(
-        params, meta_in.model_config, num_kv_heads, method, seed, calibration, calib_tokenizer)
+    resolved, meta_in, new_params, new_config, calib = _load_and_convert(
+        input_path, num_kv_heads, method, seed, calibration)
     base = _hf_base_config(meta_in.provenance)
     tokenizer, byte_tokenizer, tokenizer_note = _export_tokenizer(
         tokenizer, meta_in.provenance, base is not None, new_config.vocab_size)
