@@ -41,7 +41,7 @@ class Preset:
     kv_heads: tuple[int, ...]  # every G < num_heads: converted, evaluated at alpha 0, uptrained
     sweep_kv_heads: tuple[int, ...]  # Fig. 5: one constant-schedule uptraining run each
     ablation_kv_heads: tuple[int, ...]  # Fig. 4
-    ablation_methods: tuple[str, ...]  # names in suite.CONVERTERS; a methods preset lists its own
+    ablation_methods: tuple[str, ...]  # names in merging.METHODS (suite.METHODS)
     ablation_seeds: tuple[int, ...]
     scratch_kv_heads: tuple[int, ...]  # GQA from scratch for (1 + alpha) P steps
     eval_batches: int  # validation batches of batch_size x seq_len per evaluation; -1 = whole split
@@ -135,18 +135,19 @@ evaluations on 16 x 8 x 128 = 16k validation tokens. Decode timed at batch 8 x 4
 
 CPU = Preset(
     name="cpu",
-    doc="""The default: <= 60 minutes on 2 CPU cores (estimate; calibrate with a real run).
+    doc="""The default: <= 60 minutes on 2 CPU cores (measured: see the README's results section).
 0.92M params (d 128, 4 layers, 8 heads of 16, MLP 384); 16 x 256 = 4,096 tokens/step;
-P = 1,000 steps = 4.1M tokens; alpha P = 50 steps (alpha = 0.01: 10 steps); training steps:
-pretrain 1,000 + continue 50 + uptrain 150 + ablation 800 + sweep 200 + scratch 2,100 = 4,300 steps
-= 17.6M tokens ≈ 42 minutes at ~7k tokens/s, plus ~42 evaluations of the whole validation split
-(~120k tokens each, ~6 s) ≈ 4 minutes, compilation and decode timing (batch 8 x 8,192 tokens:
-MHA's cache is 256 MiB) ≈ 3 minutes.""",
+P = 400 steps = 1.6M tokens; alpha P = 20 steps (alpha = 0.01: 4 steps); training steps:
+pretrain 400 + continue 20 + uptrain 60 + ablation 320 + sweep 80 + scratch 840 = 1,720 steps
+= 7.0M tokens ≈ 40 minutes at the ~2.9k tokens/s this model trained at here (the first attempt
+assumed ~7k and P = 1,000: it would have taken ~100 minutes), plus ~42 evaluations of 12 x 16 x 256
+= 49k validation tokens (~6 s each) ≈ 4 minutes, compilation and decode timing (batch 8 x 8,192
+tokens: MHA's cache is 256 MiB) ≈ 3 minutes.""",
     d_model=128, num_layers=4, num_heads=8, mlp_dim=384, seq_len=256, batch_size=16,
-    pretrain_steps=1000, pretrain_warmup_steps=30,
+    pretrain_steps=400, pretrain_warmup_steps=20,
     kv_heads=(1, 2, 4), sweep_kv_heads=(1, 2), ablation_kv_heads=(1, 2),
     ablation_methods=("mean", "first", "random"), ablation_seeds=(0, 1, 2), scratch_kv_heads=(1, 2),
-    eval_batches=-1, speed_batch=8, speed_context=8192, speed_repeats=10)
+    eval_batches=12, speed_batch=8, speed_context=8192, speed_repeats=10)
 
 FULL = Preset(
     name="full",
@@ -163,6 +164,26 @@ Decode timed at batch 16 x 8,192 tokens (MHA's cache: 1 GiB).""",
     scratch_kv_heads=(1, 2, 4),
     eval_batches=-1, speed_batch=16, speed_context=8192, speed_repeats=10)
 
-PRESETS = {p.name: p for p in (TINY, QUICK, CPU, FULL)}
+METHODS = dataclasses.replace(
+    CPU, name="methods",
+    doc="""Conversion methods beyond mean pooling (issue 8) on the `cpu` model: validation loss at
+alpha = 0 and after alpha = 0.05 for G in {1, 2, 4}, 3 seeds each of `mean`, `similar+fit` (activation
+grouping + function-aware merge) and `similar+fit_o` (the same, output projections re-fitted); the
+seed picks the calibration rows (16,384 train-split tokens) and the uptraining batch order. Same
+model, P and evaluation as `cpu` (0.92M params, 4,096 tokens/step, P = 400, alpha P = 20 steps);
+training steps: pretrain 400 + continue 20 + uptrain 60 + ablation 480 = 960 steps = 3.9M tokens
+≈ 23 minutes here. With --reuse_from=<a cpu run> the pretraining, the MHA reference and the mean
+runs of G = 1, 2 are copied, leaving 400 steps (mean G = 4 seeds 1-2, 18 calibrated runs) and 21
+conversions and 39 evaluations: ≈ 15 minutes.""",
+    sweep_kv_heads=(), ablation_kv_heads=(1, 2, 4),
+    ablation_methods=("mean", "similar+fit", "similar+fit_o"), scratch_kv_heads=())
+
+TINY_METHODS = dataclasses.replace(
+    TINY, name="tiny_methods",
+    doc="""For tests: the methods preset's shape on the tiny model (mean and similar+fit, G = 1, 2 seeds),
+125 training steps in all; meant to run with --reuse_from=<a tiny run>: 2 runs of 5 steps remain.""",
+    sweep_kv_heads=(), ablation_methods=("mean", "similar+fit"), scratch_kv_heads=())
+
+PRESETS = {p.name: p for p in (TINY, TINY_METHODS, QUICK, CPU, FULL, METHODS)}
 for _p in PRESETS.values():
     _p.validate()

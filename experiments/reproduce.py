@@ -6,13 +6,17 @@ r"""Reproduce the GQA paper's quality/speed trade-off at this machine's scale, i
     python experiments/reproduce.py --preset=quick --output_dir=results/quick
     # every run for every G, 5x longer: an accelerator or a long CPU run (cost: presets.py)
     python experiments/reproduce.py --preset=full --output_dir=results/full
+    # conversion methods beyond mean pooling (issue 8), reusing the cpu run's pretraining
+    python experiments/reproduce.py --preset=methods --output_dir=results/methods \
+        --reuse_from=results/cpu
     python experiments/reproduce.py --list_presets   # each preset's token arithmetic
 
 Rerunning the same command continues an interrupted suite: finished runs are skipped and a
 training cut short resumes from its checkpoint (experiments/suite.py). Outputs in --output_dir:
 results.json (one record per run, experiments/results.py), table.md, quality_vs_speed.png,
 quality_vs_alpha.png, ablation.png. `--table_only` rewrites table.md and the plots from an
-existing results.json.
+existing results.json; `--remeasure_speed` times decode again (after a change to the decode path)
+and rewrites the records' decode figures without retraining anything.
 """
 
 from __future__ import annotations
@@ -37,6 +41,13 @@ def main(argv=None) -> int:
                         help="jax's persistent compilation cache ('' = OUTPUT_DIR/jax_cache)")
     parser.add_argument("--table_only", action="store_true",
                         help="regenerate table.md and the plots from OUTPUT_DIR/results.json")
+    parser.add_argument("--reuse_from", default="",
+                        help="another suite output directory whose preset computes the same runs "
+                             "(same model, P, alpha, evaluation and speed settings): its finished "
+                             "runs are copied instead of repeated")
+    parser.add_argument("--remeasure_speed", action="store_true",
+                        help="time decode again (deletes OUTPUT_DIR/speed.json) and update every "
+                             "record's decode_ms_per_token")
     parser.add_argument("--list_presets", action="store_true")
     args = parser.parse_args(argv)
     if args.list_presets:
@@ -59,7 +70,9 @@ def main(argv=None) -> int:
             return 0
         suite.enable_compilation_cache(args.compilation_cache_dir
                                        or os.path.join(args.output_dir, "jax_cache"))
-        suite.run_suite(presets.PRESETS[args.preset], args.output_dir)
+        if args.remeasure_speed and os.path.exists(os.path.join(args.output_dir, "speed.json")):
+            os.remove(os.path.join(args.output_dir, "speed.json"))
+        suite.run_suite(presets.PRESETS[args.preset], args.output_dir, args.reuse_from)
     except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

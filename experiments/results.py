@@ -219,19 +219,38 @@ def make_table(results: dict[str, Any]) -> str:
 
     ablation = ablation_summary(results)
     if ablation:
-        lines += ["", f"Conversion ablation (Fig. 4): validation loss at α = 0 and after "
-                  f"α = {alpha:g}, mean ± sample std over seeds (seed = uptraining batch order, "
-                  f"and the draw of `random`).", "",
-                  "| KV heads | method | seeds | val loss α=0 | val loss α=" + f"{alpha:g} |",
-                  "|---|---|---|---|---|"]
+        pre = _find(records, kind="pretrain")
+        lines += ["", f"Conversion methods (Fig. 4 ablation): validation loss at α = 0 (converted) "
+                  f"and after α = {alpha:g}, mean ± sample std over seeds (seed = uptraining batch "
+                  "order, and the draw of `random` / the calibration rows of calibrated methods). "
+                  "Gap closed = (loss of `mean` − loss) / (loss of `mean` − loss of the MHA "
+                  "pretrained), at α = 0; vs mean = loss − loss of `mean`, after α.", "",
+                  f"| KV heads | method | seeds | val loss α=0 | gap closed α=0 | val loss α={alpha:g} "
+                  f"| vs mean α={alpha:g} |",
+                  "|---|---|---|---|---|---|---|"]
         for (g, method), s in ablation.items():
-            lines.append(f"| {g} | {method} | {s['n']} | {_fmt(s['convert_mean'], '.4f')} | "
-                         f"{s['mean']:.4f} ± {s['std']:.4f} |")
+            base = ablation.get((g, "mean"))
+            gap = None
+            if base and base["convert_mean"] is not None and s["convert_mean"] is not None and pre:
+                width = base["convert_mean"] - pre[0]["val_loss"]
+                gap = (base["convert_mean"] - s["convert_mean"]) / width if width > 0 else None
+            vs = s["mean"] - base["mean"] if base else None
+            conv = ("–" if s["convert_mean"] is None else
+                    f"{s['convert_mean']:.4f} ± {s['convert_std']:.4f}")
+            lines.append(f"| {g} | {method} | {s['n']} | {conv} | {_fmt(gap, '.0%')} | "
+                         f"{s['mean']:.4f} ± {s['std']:.4f} | {_fmt(vs, '+.4f')} |")
     return "\n".join(lines) + "\n"
 
 
+def _std(xs: list[float]) -> float:
+    """Sample standard deviation; 0 for fewer than two values (e.g. a seed-independent method's
+    single converted checkpoint)."""
+    return float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+
 def ablation_summary(results: dict[str, Any]) -> dict[tuple[int, str], dict[str, Any]]:
-    """{(G, method): {n, mean, std, losses, convert_mean}} of the uptrained runs at alpha, for the
+    """{(G, method): {n, mean, std, losses, convert_losses, convert_mean, convert_std}} of the
+    uptrained runs at alpha (and the converted checkpoints they started from), for the
     (G, method) pairs that have more than one seed or a non-mean method (the ablation's)."""
     preset, records = results["preset"], results["records"]
     up = [r for r in records if r["kind"] == "uptrain" and r["alpha"] == preset["alpha"]]
@@ -243,10 +262,11 @@ def ablation_summary(results: dict[str, Any]) -> dict[tuple[int, str], dict[str,
             continue
         losses = [r["val_loss"] for r in sorted(_find(up, num_kv_heads=g, method=method),
                                                  key=lambda r: r["seed"])]
-        conv = [r["val_loss"] for r in _find(records, kind="convert", num_kv_heads=g,
-                                             method=method)]
+        conv = [r["val_loss"] for r in sorted(_find(records, kind="convert", num_kv_heads=g,
+                                                    method=method), key=lambda r: r["seed"])]
         out[(g, method)] = {"n": len(losses), "mean": float(np.mean(losses)),
-                            "std": float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0,
-                            "losses": losses,
-                            "convert_mean": float(np.mean(conv)) if conv else None}
+                            "std": _std(losses), "losses": losses,
+                            "convert_losses": conv,
+                            "convert_mean": float(np.mean(conv)) if conv else None,
+                            "convert_std": _std(conv)}
     return out

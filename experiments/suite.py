@@ -3,7 +3,7 @@
 Runs (experiments/presets.py sizes them; results.py names and validates their records):
   pretrain  MHA from scratch for P steps (configs/pretrain.py)
   continue  the same MHA uptrained for alpha P steps with the uptraining recipe: the fair reference
-  convert   K/V heads pooled to G by a method (CONVERTERS), saved as a checkpoint, evaluated: alpha 0
+  convert   K/V heads reduced to G by a method (METHODS), saved as a checkpoint, evaluated: alpha 0
   uptrain   a converted checkpoint uptrained for alpha P steps (configs/uptrain.py: cosine schedule)
   sweep     one uptraining run per G to max(alpha) P steps at a CONSTANT learning rate after warmup,
             checkpointed at every swept alpha and evaluated there (Fig. 5: the points share one run,
@@ -20,7 +20,10 @@ Layout of OUTPUT_DIR:
   results.json, table.md, *.png   regenerated from the records after every run
   data_cache/, jax_cache/         shared by all runs
 Interrupting and rerunning the same command continues: finished records are skipped, and a
-training interrupted mid-way resumes from its workdir's latest checkpoint.
+training interrupted mid-way resumes from its workdir's latest checkpoint. Deleting speed.json
+(reproduce.py --remeasure_speed) times decode again and rewrites every record's decode figure.
+`reuse_from` copies the finished runs of another directory whose preset computes the same runs
+(RUN_FIELDS), e.g. the methods preset reusing a `cpu` run's pretraining and mean conversions.
 """
 
 from __future__ import annotations
@@ -31,29 +34,42 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 
 from experiments import plots, results
 from experiments.presets import Preset
-from gqa_uptrain import checkpoints, evaluate, perf, pooling, train
+from gqa_uptrain import calibration, checkpoints, evaluate, merging, perf, train
 from gqa_uptrain.model import ModelConfig, kv_cache_bytes_per_token
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# method -> (convert(params, config, num_kv_heads, seed) -> (params, config), seeded). `seeded`:
-# the conversion depends on the seed (else every seed shares the seed-0 checkpoint). A methods
-# preset (issue 8) adds entries here and lists their names in Preset.ablation_methods.
-Converter = Callable[[dict[str, Any], ModelConfig, int, int], tuple[dict[str, Any], ModelConfig]]
-CONVERTERS: dict[str, tuple[Converter, bool]] = {
-    m: ((lambda params, config, g, seed, m=m: pooling.convert_params(params, config, g, m, seed)),
-        m == "random")
-    for m in pooling.METHODS
-}
+# Conversion methods: every name of merging.METHODS ('mean', 'first', 'random', 'similar+fit', ...),
+# converted by calibration.convert_params_calibrated. Methods that read activations draw their
+# calibration rows from the train split with the run's seed (CALIBRATION_TOKENS tokens in rows of
+# the preset's seq_len), so for them the seed picks the calibration data as well as the uptraining
+# batch order.
+METHODS = merging.METHODS
+CALIBRATION_TOKENS = 16384
+
+
+# The preset fields that decide what a run of a given name computes (the rest only choose which runs
+# there are): two suite directories that agree on these hold the same record for the same name, so
+# one may reuse the other's finished runs (Suite.reuse_from).
+RUN_FIELDS = ("d_model", "num_layers", "num_heads", "mlp_dim", "seq_len", "batch_size",
+              "pretrain_steps", "pretrain_warmup_steps", "eval_batches", "speed_batch",
+              "speed_context", "speed_repeats", "alpha", "sweep_alphas")
+
+
+def is_seeded(method: str) -> bool:
+    """The conversion depends on the seed (else every seed shares the seed-0 checkpoint)."""
+    spec = merging.parse_method(method)
+    return spec.merge == "random" or spec.needs_calibration
 
 
 def log(msg: str) -> None:
@@ -90,14 +106,14 @@ def plan(preset: Preset) -> list[Run]:
         runs.append(Run("scratch", g, "scratch", a, 0))
     unique = list(dict.fromkeys(runs))  # mean seed 0 is also the main uptrain run; keep the first
     for run in unique:
-        if run.kind in ("convert", "uptrain", "sweep") and run.method not in CONVERTERS:
+        if run.kind in ("convert", "uptrain", "sweep") and run.method not in METHODS:
             raise ValueError(f"preset {preset.name!r} lists method {run.method!r}, not one of "
-                             f"{sorted(CONVERTERS)}")
+                             f"{', '.join(METHODS)}")
     return unique
 
 
 def _convert_seed(method: str, seed: int) -> int:
-    return seed if CONVERTERS[method][1] else 0
+    return seed if is_seeded(method) else 0
 
 
 # ----------------------------------------------------------------------------- configs
@@ -169,7 +185,7 @@ class Suite:
         self.model_config = source_model_config(preset)
         self.speed: dict[str, Any] | None = None
         self.records: dict[str, dict[str, Any]] = {}
-        self.summary: dict[str, list[str]] = {"ran": [], "skipped": []}
+        self.summary: dict[str, list[str]] = {"ran": [], "skipped": [], "reused": []}
 
     # -- paths
     def workdir(self, name: str) -> str:
@@ -196,6 +212,45 @@ class Suite:
                                  "--output_dir")
         else:
             results.write_json_atomic(path, {"preset": mine})
+
+    def reuse_from(self, other_dir: str) -> None:
+        """Copies the finished runs (record and workdir) and speed.json of another suite directory
+        whose preset agrees on RUN_FIELDS, for every run of this preset not finished here, so
+        they are skipped instead of repeated (e.g. the methods preset's pretraining from a `cpu`
+        run). Sweep runs are not copied (their workdir is shared by several records)."""
+        other = os.path.abspath(other_dir)
+        path = os.path.join(other, "suite.json")
+        if not os.path.exists(path):
+            raise ValueError(f"--reuse_from={other_dir}: no suite.json there (not a suite "
+                             "output directory)")
+        with open(path) as f:
+            theirs = json.load(f)["preset"]
+        mine = json.loads(json.dumps(dataclasses.asdict(self.preset)))
+        diff = [k for k in RUN_FIELDS if theirs.get(k) != mine[k]]
+        if diff:
+            raise ValueError(f"--reuse_from={other_dir}: its preset {theirs.get('name')!r} "
+                             f"differs in {', '.join(diff)}; its runs are not this preset's")
+        speed = os.path.join(other, "speed.json")
+        if os.path.exists(speed) and not os.path.exists(os.path.join(self.out, "speed.json")):
+            shutil.copyfile(speed, os.path.join(self.out, "speed.json.tmp"))
+            os.replace(os.path.join(self.out, "speed.json.tmp"), os.path.join(self.out, "speed.json"))
+        for run in plan(self.preset):
+            src_record = os.path.join(other, "records", f"{run.name}.json")
+            if (run.kind == "sweep" or os.path.exists(self.record_path(run.name))
+                    or not os.path.exists(src_record)):
+                continue
+            src_dir, dst_dir = os.path.join(other, "runs", run.name), self.workdir(run.name)
+            if os.path.isdir(src_dir):  # the workdir first: a record's presence means done
+                shutil.rmtree(dst_dir + ".tmp", ignore_errors=True)
+                shutil.copytree(src_dir, dst_dir + ".tmp")
+                shutil.rmtree(dst_dir, ignore_errors=True)
+                os.replace(dst_dir + ".tmp", dst_dir)
+            with open(src_record) as f:
+                record = json.load(f)
+            self.validate(record)
+            results.write_json_atomic(self.record_path(run.name), record)
+            self.summary["reused"].append(run.name)
+        log(f"reused {len(self.summary['reused'])} finished runs from {other}")
 
     # -- records
     def load_record(self, name: str) -> dict[str, Any] | None:
@@ -283,8 +338,14 @@ class Suite:
                                                                     "scratch", 0.0, 0)))
         params, meta, _ = checkpoints.restore(source)
         params = {k: np.asarray(v) for k, v in params.items()}
-        convert, _ = CONVERTERS[run.method]
-        params, config = convert(params, meta.model_config, run.num_kv_heads, run.seed)
+        calib = {}
+        if merging.parse_method(run.method).needs_calibration:
+            rows = calibration.calibration_rows(
+                "byte", "stdlib", num_tokens=CALIBRATION_TOKENS, seq_len=p.seq_len, seed=run.seed)
+            calib = {"calib_tokens": rows["inputs"], "segment_ids": rows["segment_ids"],
+                     "positions": rows["positions"]}
+        params, config = calibration.convert_params_calibrated(
+            params, meta.model_config, run.num_kv_heads, run.method, seed=run.seed, **calib)
         provenance = dict(meta.provenance)
         provenance["init"] = {"converted_from": source, "method": run.method,
                               "num_kv_heads_before": meta.model_config.num_kv_heads,
@@ -374,8 +435,10 @@ class Suite:
         results.write_text_atomic(os.path.join(self.out, "table.md"), results.make_table(obj))
         plots.make_plots(obj, self.out)
 
-    def run_all(self) -> dict[str, list[str]]:
+    def run_all(self, reuse_from: str = "") -> dict[str, list[str]]:
         self.claim_output_dir()
+        if reuse_from:
+            self.reuse_from(reuse_from)
         self.measure_speed()
         runs = plan(self.preset)
         log(f"preset {self.preset.name}: {len(runs)} records; "
@@ -383,6 +446,10 @@ class Suite:
         for i, run in enumerate(runs, 1):
             record = self.load_record(run.name)
             if record is not None:
+                ms = self.speed["ms"][str(run.num_kv_heads)]
+                if record["decode_ms_per_token"] != ms:  # speed.json was measured again
+                    record = {**record, "decode_ms_per_token": ms}
+                    results.write_json_atomic(self.record_path(run.name), record)
                 self.records[run.name] = record
                 self.summary["skipped"].append(run.name)
                 log(f"skip {run.name} ({i}/{len(runs)}): done")
@@ -425,9 +492,11 @@ def enable_compilation_cache(cache_dir: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def run_suite(preset: Preset, output_dir: str) -> dict[str, list[str]]:
-    """Runs (or continues) every run of `preset` into output_dir; returns {'ran', 'skipped'}."""
-    return Suite(preset, output_dir).run_all()
+def run_suite(preset: Preset, output_dir: str, reuse_from: str = "") -> dict[str, list[str]]:
+    """Runs (or continues) every run of `preset` into output_dir, first copying the finished runs
+    of the suite directory `reuse_from` (if given; Suite.reuse_from); returns {'ran', 'skipped',
+    'reused'}."""
+    return Suite(preset, output_dir).run_all(reuse_from)
 
 
 if __name__ == "__main__":  # pragma: no cover
