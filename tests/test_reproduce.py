@@ -19,11 +19,15 @@ sys.path.insert(0, REPO)
 from experiments import presets, results, suite  # noqa: E402
 from gqa_uptrain import checkpoints, train  # noqa: E402
 
-# Where the README's results come from (issue 6): the committed results of a `cpu` run, and the
-# README section holding the table between these markers.
-COMMITTED_RESULTS = os.path.join(REPO, "experiments", "results", "cpu", "results.json")
+# Where the README's results come from (issues 6 and 8): the committed results of a `cpu` run and
+# of a `methods` run, and the README sections holding their tables between these markers.
+COMMITTED = {
+    "cpu": (os.path.join(REPO, "experiments", "results", "cpu", "results.json"),
+            "<!-- results-table:begin -->", "<!-- results-table:end -->"),
+    "methods": (os.path.join(REPO, "experiments", "results", "methods", "results.json"),
+                "<!-- methods-table:begin -->", "<!-- methods-table:end -->"),
+}
 README = os.path.join(REPO, "README.md")
-TABLE_BEGIN, TABLE_END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -304,19 +308,22 @@ def test_table_rows_hold_the_deltas_and_speed_ups():
     assert results.make_table(copy.deepcopy(obj)) == table  # deterministic
 
 
-def test_readme_table_matches_the_committed_results():
-    if not os.path.exists(COMMITTED_RESULTS):
-        pytest.skip(f"no committed results yet ({os.path.relpath(COMMITTED_RESULTS, REPO)}): "
-                    "the README's table is checked once a `cpu` run is committed")
+@pytest.mark.parametrize("preset", sorted(COMMITTED))
+def test_readme_table_matches_the_committed_results(preset):
+    committed, begin, end = COMMITTED[preset]
+    if not os.path.exists(committed):
+        pytest.skip(f"no committed results yet ({os.path.relpath(committed, REPO)}): the "
+                    f"README's table is checked once a `{preset}` run is committed")
     with open(README) as f:
         readme = f.read()
-    assert TABLE_BEGIN in readme and TABLE_END in readme, (
-        f"README.md must hold the results table between {TABLE_BEGIN} and {TABLE_END}")
-    shown = readme.split(TABLE_BEGIN, 1)[1].split(TABLE_END, 1)[0].strip()
-    obj = results.load_results(COMMITTED_RESULTS)
+    assert begin in readme and end in readme, (
+        f"README.md must hold the results table between {begin} and {end}")
+    shown = readme.split(begin, 1)[1].split(end, 1)[0].strip()
+    obj = results.load_results(committed)
     results.validate_results(obj)
+    assert obj["preset"]["name"] == preset
     assert shown == results.make_table(obj).strip()
-    with open(os.path.join(os.path.dirname(COMMITTED_RESULTS), "table.md")) as f:
+    with open(os.path.join(os.path.dirname(committed), "table.md")) as f:
         assert f.read() == results.make_table(obj)
 
 
