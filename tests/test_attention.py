@@ -12,11 +12,11 @@ from gqa_uptrain.attention import attention, make_mask, resolve_implementation
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
-def _qkv(num_heads, num_kv_heads, seq_q=9, seq_kv=9, dtype=jnp.float32, seed=0):
+def _qkv(num_heads, num_kv_heads, seq_q=9, seq_kv=9, dtype=jnp.float32, seed=0, head_dim=16):
     kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
-    q = jax.random.normal(kq, (2, seq_q, num_heads, 16), dtype)
-    k = jax.random.normal(kk, (2, seq_kv, num_kv_heads, 16), dtype)
-    v = jax.random.normal(kv, (2, seq_kv, num_kv_heads, 16), dtype)
+    q = jax.random.normal(kq, (2, seq_q, num_heads, head_dim), dtype)
+    k = jax.random.normal(kk, (2, seq_kv, num_kv_heads, head_dim), dtype)
+    v = jax.random.normal(kv, (2, seq_kv, num_kv_heads, head_dim), dtype)
     return q, k, v
 
 
@@ -103,12 +103,13 @@ def test_bf16_cache_layout_runs_and_matches_fp32():
                                atol=TOLERANCE[jnp.bfloat16])
 
 
+@pytest.mark.parametrize("head_dim", [16, 32])
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4, 8])
 @pytest.mark.parametrize("seq_q", [1, 3])
-def test_cache_implementation_matches_reference(num_kv_heads, seq_q):
-    # 'cache' (auto's choice for the decode cache on CPU) reorders the einsums by q_per_kv; each
-    # group size takes a different branch, so cover q_per_kv 8, 4, 2, 1.
-    q, k, v = _qkv(8, num_kv_heads, seq_q=seq_q, seq_kv=11, seed=4)
+def test_cache_implementation_matches_reference(num_kv_heads, seq_q, head_dim):
+    # 'cache' (auto's choice for the decode cache on CPU) reorders the einsums by q_per_kv, and for
+    # one token by head_dim (<= 16 or not); cover q_per_kv 8, 4, 2, 1 on both sides.
+    q, k, v = _qkv(8, num_kv_heads, seq_q=seq_q, seq_kv=11, seed=4, head_dim=head_dim)
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     kw = dict(q_offset=jnp.array([7, 2]), kv_lengths=jnp.array([7 + seq_q, 2 + seq_q]),
               kv_layout="bksd")
