@@ -91,7 +91,7 @@ def quality_vs_alpha(obj: dict[str, Any], path: str) -> None:
 def ablation(obj: dict[str, Any], path: str) -> None:
     summary = results.ablation_summary(obj)
     n = obj["model"]["num_heads"]
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(7, 4.6) if len(summary) > 6 else (6, 4.2))
     labels = []
     for i, ((g, method), s) in enumerate(summary.items()):
         ax.bar(i, s["mean"], color="tab:blue", alpha=0.35)
@@ -103,7 +103,9 @@ def ablation(obj: dict[str, Any], path: str) -> None:
         hi = max(max(s["losses"]) for s in summary.values())
         pad = max(hi - lo, 1e-3)
         ax.set_ylim(lo - pad, hi + pad)  # bars from 0 would hide differences of 0.01 nats
-    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    crowded = len(labels) > 6  # e.g. the methods preset's 3 G x 3 methods: names would overlap
+    ax.set_xticks(range(len(labels)), labels, fontsize=7 if crowded else 8,
+                  rotation=35 if crowded else 0, ha="right" if crowded else "center")
     ax.set_ylabel(f"validation loss after α={obj['preset']['alpha']:g}")
     ax.set_title("Conversion method ablation (dots: seeds; bar: mean ± std)")
     ax.grid(alpha=0.3, axis="y")
