@@ -2,9 +2,10 @@
 
 A preset is data; experiments/suite.py turns it into runs. Each preset's docstring records its token
 arithmetic: params, tokens per step, steps of every run, alpha x P. Throughputs quoted are the
-ones measured on this project's 2-core CPU (../shared/ENVIRONMENT.md: ~1.8k tokens/s for a 3-4M
-param model, ~7k for a 1M one); the 'cpu' preset's wall time is an estimate from them until a real
-run is recorded in the README.
+ones measured on this project's 2-core CPU by this project's trainer: ~2.9-3.0k tokens/s for the
+0.92M-param `cpu` model (its first real run; ../shared/ENVIRONMENT.md's ~7k for a 1M model was far
+off for this shape), ~1.5k for the 3.5M `full` model (`bench train`). The `cpu` and `methods` runs'
+wall times are in the README's results sections.
 
 Run counts, with A = ablation KV heads, S = seeds, M = ablation methods, W = sweep KV heads, B =
 scratch KV heads, alpha = 0.05 and alpha_max = 0.1 (in steps of P):
@@ -151,11 +152,13 @@ tokens: MHA's cache is 256 MiB) ≈ 3 minutes.""",
 
 FULL = Preset(
     name="full",
-    doc="""Every run for every G with 5x the pretraining: for an accelerator or a long CPU run.
+    doc="""Every run for every G, a 4x larger model, 12.5x the cpu preset's P: an accelerator or a
+long CPU run.
 3.5M params (d 256, 4 layers, 8 heads of 32, MLP 768); 16 x 256 = 4,096 tokens/step; P = 5,000
 steps = 20.5M tokens; alpha P = 250 steps; training steps: pretrain 5,000 + continue 250 + uptrain
-750 + ablation 6,000 + sweep 1,500 + scratch 15,750 = 29,250 steps = 120M tokens: ≈ 17 hours on
-this 2-core CPU at ~2k tokens/s; on a GPU the small model is launch-bound (time it there).
+750 + ablation 6,000 + sweep 1,500 + scratch 15,750 = 29,250 steps = 120M tokens: ≈ 23 hours on
+this 2-core CPU at the ~1.5k tokens/s `bench train` measured for this shape (d256, batch 16 x 256);
+on a GPU the small model is launch-bound (time it there).
 Decode timed at batch 16 x 8,192 tokens (MHA's cache: 1 GiB).""",
     d_model=256, num_layers=4, num_heads=8, mlp_dim=768, seq_len=256, batch_size=16,
     pretrain_steps=5000, pretrain_warmup_steps=100,

@@ -1,10 +1,10 @@
 r"""Reproduce the GQA paper's quality/speed trade-off at this machine's scale, in one command.
 
-    # the default: ~1 hour on 2 CPU cores (table + plots like the README's)
+    # the default: ~50 minutes on 2 CPU cores (measured 47; table + plots like the README's)
     python experiments/reproduce.py --preset=cpu --output_dir=results/cpu
     # every kind of run at toy scale, <= 10 minutes
     python experiments/reproduce.py --preset=quick --output_dir=results/quick
-    # every run for every G, 5x longer: an accelerator or a long CPU run (cost: presets.py)
+    # every run for every G, a larger model, P = 5,000: an accelerator or a long CPU run (cost: presets.py)
     python experiments/reproduce.py --preset=full --output_dir=results/full
     # conversion methods beyond mean pooling (issue 8), reusing the cpu run's pretraining
     python experiments/reproduce.py --preset=methods --output_dir=results/methods \
