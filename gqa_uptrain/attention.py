@@ -150,9 +150,10 @@ def _cache_attention(q, k, v, mask):
         # One new token, small heads: the per-logit work (mask, softmax) outweighs the cache bytes,
         # and it runs faster with the logits' seq axis minor. K is still read once (the tall-skinny
         # product), then the [b, k, s, g] logits are transposed (q_per_kv/head_dim of K's size).
-        # Measured (quiet machine, one layer, batch 8, 8K cache, 8 heads of 16): q_per_kv 4: 4.6 vs
-        # 5.4 ms for the branch below, q_per_kv 8: ~3.6 vs 4.9 ms; at head_dim 64 the branch below
-        # was 1.6x faster instead, so the switch is by head_dim (sizes between 16 and 64 untested).
+        # Measured side by side (one layer, batch 8, 8K cache, 8 heads of 16; machine loaded by a
+        # training run, so read the ratios): q_per_kv 4: 6.0 vs 9.2 ms for the branch below,
+        # q_per_kv 8: 4.3 vs 5.6 ms; at head_dim 64 the branch below was 1.6x faster instead, so
+        # the switch is by head_dim (sizes between 16 and 64 untested).
         logits = jnp.swapaxes(jnp.einsum("bksd,bkgd->bksg", k, qg[:, 0]), 2, 3)  # [b, k, g, s]
         if keep is not None:
             logits = jnp.where(keep, logits, _MASK_VALUE)  # keep [b, 1, 1, s]
