@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from gqa_uptrain import attention as attention_lib
+from gqa_uptrain import xla_cpu
 
 _DTYPES = ("float32", "bfloat16", "float16")
 # Rope scalings the model implements; anything else is refused by name (see hf.py).
@@ -418,11 +419,17 @@ def forward_fn(model: Transformer, implementation: str = "auto"):
     return forward
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "implementation"),
-                   donate_argnames=("cache",))
-def _decode_jit(graphdef, state, tokens, cache, num_valid, implementation):
+def _decode(graphdef, state, tokens, cache, num_valid, implementation):
     model = nnx.merge(graphdef, state)
     return model.decode(tokens, cache, num_valid=num_valid, implementation=implementation)
+
+
+@functools.cache
+def _decode_jit():
+    # Built on first use, not at import: the compiler options depend on the backend
+    # (xla_cpu.decode_options), which must not be initialised by importing this module.
+    return jax.jit(_decode, static_argnames=("graphdef", "implementation"),
+                   donate_argnames=("cache",), compiler_options=xla_cpu.decode_options())
 
 
 def decode_fn(model: Transformer, implementation: str = "auto"):
@@ -432,7 +439,7 @@ def decode_fn(model: Transformer, implementation: str = "auto"):
     def step(tokens, cache, num_valid=None):
         if num_valid is None:
             num_valid = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
-        return _decode_jit(graphdef, state, tokens, cache, num_valid, implementation)
+        return _decode_jit()(graphdef, state, tokens, cache, num_valid, implementation)
 
     return step
 

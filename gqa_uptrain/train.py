@@ -586,6 +586,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from gqa_uptrain import hostmem
+
+    hostmem.reexec_with_tuned_malloc()  # XLA's per-step page faults (hostmem.py)
     from absl import app, flags
     from ml_collections import config_flags
 

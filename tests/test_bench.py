@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from gqa_uptrain import bench, hf, perf
+from gqa_uptrain import bench, hf, hostmem, perf
 from gqa_uptrain.model import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +33,12 @@ def _table_rows(lines: list[str]) -> list[list[str]]:
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
 
 
-MACHINE_KEYS = {"date_utc", "cpu", "cpu_count", "platform", "device", "jax", "python"}
+MACHINE_KEYS = {"date_utc", "cpu", "cpu_count", "platform", "device", "jax", "python",
+                "malloc_env"}
+INHERITED_MALLOC = {k: os.environ[k] for k in hostmem.ENV if k in os.environ}
+# decode and train re-run themselves with hostmem.ENV (where wanted); convert must not (it
+# measures peak memory).
+TUNED_MALLOC = hostmem.ENV if hostmem.wanted() else INHERITED_MALLOC
 
 
 @pytest.mark.slow
@@ -44,6 +49,7 @@ def test_decode_quick_reports_the_cost_models_bytes():
             "targets"} <= set(headline)
     assert headline["bench"] == "decode" and headline["quick"] is True
     assert set(headline["machine"]) == MACHINE_KEYS
+    assert headline["machine"]["malloc_env"] == TUNED_MALLOC
     assert headline["bandwidth_gbps"] > 0 and headline["peak_gflops"] > 0
     assert set(headline["targets"]) == {"all_ge_70pct_roofline_at_long_context",
                                         "faster_than_hf_every_g", "monotonic",
@@ -93,6 +99,7 @@ def test_train_quick_emits_tokens_per_second_and_mfu():
     assert {"bench", "quick", "machine", "peak_gflops", "repeats", "implementation",
             "torch_threads", "rows", "targets"} <= set(headline)
     assert headline["bench"] == "train" and set(headline["machine"]) == MACHINE_KEYS
+    assert headline["machine"]["malloc_env"] == TUNED_MALLOC
     assert set(headline["targets"]) == {"ahead_of_hf_every_shape", "mfu_ge_70pct_every_shape"}
     assert all(isinstance(v, bool) for v in headline["targets"].values())
     (row,) = headline["rows"]
@@ -131,6 +138,7 @@ def test_convert_quick_caches_its_checkpoint_and_cleans_its_outputs(tmp_path):
             "convert_runs_s", "time_ratio", "copy_peak_rss_mib", "convert_peak_rss_mib",
             "convert_output_bytes", "rss_fraction", "targets"} <= set(headline)
     assert headline["bench"] == "convert" and set(headline["machine"]) == MACHINE_KEYS
+    assert headline["machine"]["malloc_env"] == INHERITED_MALLOC
     assert set(headline["targets"]) == {"time_le_2x_copy", "rss_le_25pct_of_checkpoint"}
     assert all(isinstance(v, bool) for v in headline["targets"].values())
     assert headline["time_ratio"] == pytest.approx(headline["convert_s"] / headline["copy_s"])

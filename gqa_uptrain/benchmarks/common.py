@@ -36,7 +36,7 @@ def machine_info() -> dict[str, Any]:
     """Where and when a benchmark ran: what the README's tables cite beside the command."""
     import jax  # noqa: PLC0415
 
-    from gqa_uptrain import perf  # noqa: PLC0415 (imports jax, like the line above)
+    from gqa_uptrain import hostmem, perf  # noqa: PLC0415 (perf imports jax, like the line above)
 
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
@@ -46,12 +46,17 @@ def machine_info() -> dict[str, Any]:
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
         "python": platform.python_version(),
+        # glibc malloc settings in force (hostmem.py: the decode and train benchmarks re-run
+        # themselves with them); {} = the C library's defaults.
+        "malloc_env": {k: os.environ[k] for k in hostmem.ENV if k in os.environ},
     }
 
 
 def machine_line(info: dict[str, Any]) -> str:
+    malloc = " ".join(f"{k}={v}" for k, v in info.get("malloc_env", {}).items())
     return (f"Measured {info['date_utc']} UTC on {info['cpu']} ({info['cpu_count']} cores), "
-            f"jax {info['jax']} on {info['platform']} ({info['device']}).")
+            f"jax {info['jax']} on {info['platform']} ({info['device']}); "
+            f"malloc: {malloc or 'glibc defaults'}.")
 
 
 class BenchError(ValueError):

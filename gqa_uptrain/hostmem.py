@@ -1,0 +1,41 @@
+"""glibc malloc settings for long CPU computations, applied by re-executing the process once.
+
+XLA's CPU runtime allocates its large temporary buffers afresh at every execution. glibc serves
+blocks above its mmap threshold (32 MiB at most) with a fresh mmap and unmaps them on free, so
+each execution touches new pages: a training step of the d_model 256 benchmark model (batch
+16 x 256) took ~218,000 minor page faults (~850 MB of first touches), counted with getrusage.
+With one arena, no mmap for large blocks and freed memory kept (the ENV below) the faults fell to
+~0 and the step got 5-7% faster (measured in separate processes on the 2-core EPYC: d_model 256
+2,822 -> 2,645 ms, d_model 512 3,420 -> 3,233 ms; MHA decode at an 8K cache 184 -> 174 ms).
+Set with mallopt(3) from inside the running process the same values only partly took effect
+(100k+ faults a step remained), so they go in the environment before the process starts: the
+command-line entry points call reexec_with_tuned_malloc() first thing, which re-runs the same
+command line once with ENV added. The cost: memory freed by the process is kept for reuse rather
+than returned to the system, so its resident size stays at its peak.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
+OPT_OUT = "GQA_UPTRAIN_KEEP_MALLOC"  # set to 1 to run with glibc's defaults
+
+
+def wanted(environ=os.environ) -> bool:
+    """True when the process should re-run with ENV: glibc Linux, not opted out, and none of
+    ENV's variables already set (whoever set one chose their own settings)."""
+    return (sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+            and not environ.get(OPT_OUT) and not any(k in environ for k in ENV))
+
+
+def reexec_with_tuned_malloc() -> None:
+    """Replaces this process by the same command line (sys.orig_argv) with ENV set, or returns
+    at once when not wanted(). Call it before any work: nothing done so far survives."""
+    if not wanted():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **ENV})
