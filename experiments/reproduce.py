@@ -80,7 +80,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from gqa_uptrain import hostmem  # noqa: E402
-
-    hostmem.reexec_with_tuned_malloc()  # XLA's per-step page faults (hostmem.py)
     sys.exit(main())

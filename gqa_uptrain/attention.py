@@ -116,7 +116,10 @@ def _pallas_attention(q, k, v, *, causal, segment_ids, q_offset, kv_lengths, kv_
     return decode_attention.decode_attention(q, k, v, kv_lengths, q_offset, causal=causal)
 
 
-_SMALL_HEAD_DIM = 16  # _cache_attention's one-token layout switch (measured at 16 and 64 only)
+# _cache_attention's one-token layout switches: small heads (measured at 16 and 64 only) or a short
+# cache (measured at 2K and 8K only) put the logits' seq axis minor.
+_SMALL_HEAD_DIM = 16
+_SHORT_CACHE = 4096
 
 
 def _cache_attention(q, k, v, mask):
@@ -146,14 +149,16 @@ def _cache_attention(q, k, v, mask):
             probs = jax.nn.softmax(logits, axis=-1)
             outs.append(jnp.einsum("bkts,bksd->btkd", probs, v))  # [b, t, k, d]
         out = jnp.stack(outs, axis=3)  # [b, t, k, g, d]
-    elif seq_q == 1 and head_dim <= _SMALL_HEAD_DIM:
-        # One new token, small heads: the per-logit work (mask, softmax) outweighs the cache bytes,
-        # and it runs faster with the logits' seq axis minor. K is still read once (the tall-skinny
-        # product), then the [b, k, s, g] logits are transposed (q_per_kv/head_dim of K's size).
-        # Measured side by side (one layer, batch 8, 8K cache, 8 heads of 16; machine loaded by a
-        # training run, so read the ratios): q_per_kv 4: 6.0 vs 9.2 ms for the branch below,
-        # q_per_kv 8: 4.3 vs 5.6 ms; at head_dim 64 the branch below was 1.6x faster instead, so
-        # the switch is by head_dim (sizes between 16 and 64 untested).
+    elif seq_q == 1 and (head_dim <= _SMALL_HEAD_DIM or k.shape[2] <= _SHORT_CACHE):
+        # One new token, small heads or a short cache: the per-logit work (mask, softmax) weighs
+        # more against the cache bytes, and it runs faster with the logits' seq axis minor. K is
+        # still read once (the tall-skinny product), then the [b, k, s, g] logits are transposed
+        # (q_per_kv/head_dim of K's size). Measured side by side, one layer, batch 8:
+        # - 8K cache, 8 heads of 16 (machine loaded by a training run; read the ratios): q_per_kv
+        #   4: 6.0 vs 9.2 ms for the branch below, q_per_kv 8: 4.3 vs 5.6 ms.
+        # - 16 heads of 64, compiled as the decode step is (xla_cpu.decode_options), quiet
+        #   machine: 2K cache, q_per_kv 4 / 8 / 16: 8.0 / 5.2 / 2.3 ms vs 10.4 / 4.4 / 2.9 ms;
+        #   8K cache: 29.1 / 15.7 / 9.3 vs 23.3 / 13.0 / 11.5 ms, hence the branch below there.
         logits = jnp.swapaxes(jnp.einsum("bksd,bkgd->bksg", k, qg[:, 0]), 2, 3)  # [b, k, g, s]
         if keep is not None:
             logits = jnp.where(keep, logits, _MASK_VALUE)  # keep [b, 1, 1, s]

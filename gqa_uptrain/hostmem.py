@@ -6,12 +6,18 @@ each execution touches new pages: a training step of the d_model 256 benchmark m
 16 x 256) took ~218,000 minor page faults (~850 MB of first touches), counted with getrusage.
 With one arena, no mmap for large blocks and freed memory kept (the ENV below) the faults fell to
 ~0 and the step got 5-7% faster (measured in separate processes on the 2-core EPYC: d_model 256
-2,822 -> 2,645 ms, d_model 512 3,420 -> 3,233 ms; MHA decode at an 8K cache 184 -> 174 ms).
+2,822 -> 2,645 ms, d_model 512 3,420 -> 3,233 ms).
 Set with mallopt(3) from inside the running process the same values only partly took effect
 (100k+ faults a step remained), so they go in the environment before the process starts: the
-command-line entry points call reexec_with_tuned_malloc() first thing, which re-runs the same
-command line once with ENV added. The cost: memory freed by the process is kept for reuse rather
-than returned to the system, so its resident size stays at its peak.
+training command lines (`python -m gqa_uptrain.train`, `python -m gqa_uptrain.bench train`) call
+reexec_with_tuned_malloc() first thing, which re-runs the same command line once with ENV added.
+
+Not applied elsewhere, for measured reasons. Decode: after a large cache was freed, a decode step
+with new, smaller buffers ran much slower under these settings (the decode benchmark, num_kv_heads
+8 at a 2K cache right after MHA at 8K: 105.7 ms against 70.9 ms with glibc's defaults), so the
+decode benchmark and the experiment suite (which times decode after training) keep the defaults.
+The converter benchmark measures peak memory, which these settings would change: memory freed by
+the process is kept for reuse rather than returned to the system.
 """
 
 from __future__ import annotations
