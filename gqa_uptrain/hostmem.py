@@ -7,7 +7,8 @@ each execution touches new pages: a training step of the d_model 256 benchmark m
 With one arena, no mmap for large blocks and freed memory kept (the ENV below) the faults fell to
 ~0 and the step got 5-7% faster (measured in separate processes on the 2-core EPYC: d_model 256
 2,822 -> 2,645 ms, d_model 512 3,420 -> 3,233 ms).
-Set with mallopt(3) from inside the running process the same values only partly took effect
+(A lone jitted op with a 32 MiB output was less regular: under the settings its faults per call
+varied from 0 to all 8,192 between identical runs.) Set with mallopt(3) from inside the running process the same values only partly took effect
 (100k+ faults a step remained), so they go in the environment before the process starts: the
 training command lines (`python -m gqa_uptrain.train`, `python -m gqa_uptrain.bench train`) call
 reexec_with_tuned_malloc() first thing, which re-runs the same command line once with ENV added.
