@@ -425,21 +425,23 @@ def _decode(graphdef, state, tokens, cache, num_valid, implementation):
 
 
 @functools.cache
-def _decode_jit():
-    # Built on first use, not at import: the compiler options depend on the backend
-    # (xla_cpu.decode_options), which must not be initialised by importing this module.
+def _decode_jit(options: tuple[tuple[str, Any], ...]):
+    # One jit per set of compiler options (xla_cpu.decode_options: they depend on the backend and
+    # the head size), built on first use: importing this module must not initialise a backend.
     return jax.jit(_decode, static_argnames=("graphdef", "implementation"),
-                   donate_argnames=("cache",), compiler_options=xla_cpu.decode_options())
+                   donate_argnames=("cache",), compiler_options=dict(options) or None)
 
 
 def decode_fn(model: Transformer, implementation: str = "auto"):
     """A jitted (tokens, cache, num_valid) -> (logits, cache) closure; the cache is donated."""
     graphdef, state = nnx.split(model)
+    options = xla_cpu.decode_options(model.config.head_dim) or {}
+    jitted = _decode_jit(tuple(sorted(options.items())))
 
     def step(tokens, cache, num_valid=None):
         if num_valid is None:
             num_valid = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
-        return _decode_jit()(graphdef, state, tokens, cache, num_valid, implementation)
+        return jitted(graphdef, state, tokens, cache, num_valid, implementation)
 
     return step
 

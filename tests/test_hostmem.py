@@ -52,5 +52,7 @@ def test_wanted_respects_opt_out_and_settings_already_made():
 
 def test_decode_options_fall_back_when_xla_lacks_the_option():
     assert not xla_cpu.accepted({"xla_cpu_no_such_option_anywhere": ""})
-    if xla_cpu.decode_options() is not None:  # this XLA knows the option: it must compile
-        assert xla_cpu.accepted(xla_cpu.decode_options())
+    assert xla_cpu.decode_options(xla_cpu.SMALL_HEAD_DIM) is None  # small heads: XLA's defaults
+    options = xla_cpu.decode_options(64)
+    if options is not None:  # this XLA knows the option: it must compile
+        assert xla_cpu.accepted(options)
