@@ -143,6 +143,42 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 # ----------------------------------------------------------------------------- modules
 
 
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., d_in] @ w [d_in, d_out] -> [..., d_out]: every projection of the model.
+
+    On CPU with a custom gradient (_dense_cpu); elsewhere plain `x @ w` (not measured there).
+    """
+    if jax.default_backend() == "cpu":
+        return _dense_cpu(x, w)
+    return x @ w
+
+
+@jax.custom_vjp
+def _dense_cpu(x, w):
+    return x @ w
+
+
+def _dense_cpu_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _dense_cpu_bwd(residuals, grad):
+    # The weight gradient x^T @ grad contracts over the token axis, the major one of both. Left to
+    # itself, XLA:CPU's layout assignment wrote the (larger) incoming gradient transposed for it,
+    # e.g. the MLP's f32[768, 4096] at ~60 ms each, where x^T is the smaller array (d_in rows).
+    # The barrier makes x^T a real [d_in, tokens] array, so the product is a plain row-major one.
+    # Measured side by side, whole training step with AdamW: d_model 256 2,710 -> 2,284 ms,
+    # d_model 512 (GQA) 3,452 -> 2,988 ms with this on the MLP; then on the attention projections
+    # as well, 2,510 -> 2,394 and 2,959 -> 2,954 ms. (Not on the output head: preferred f32 dot.)
+    x, w = residuals
+    x_2d = x.reshape(-1, x.shape[-1])
+    x_t = jax.lax.optimization_barrier(x_2d.T)  # [d_in, tokens]
+    return grad @ w.T, x_t @ grad.reshape(-1, grad.shape[-1])
+
+
+_dense_cpu.defvjp(_dense_cpu_fwd, _dense_cpu_bwd)
+
+
 def _init(rngs: nnx.Rngs, shape, fan_in: int, dtype) -> nnx.Param:
     # Drawn flat, then reshaped: with jax_threefry_partitionable, a rank-3 draw took 6-9 s to
     # compile here against ~1 s for the flat one (same values either way is not promised).
@@ -195,15 +231,23 @@ class Attention(nnx.Module):
             self.o_bias = nnx.Param(jnp.zeros((c.d_model,), dt))
 
     def _project(self, x, name):
+        """x [b, t, d_model] -> [b, t, heads, head_dim] (q: num_heads; k, v: num_kv_heads)."""
         dt = jnp.dtype(self.config.dtype)
-        y = jnp.einsum("btd,dnh->btnh", x, getattr(self, name + "_proj")[...].astype(dt))
+        kernel = getattr(self, name + "_proj")[...].astype(dt)  # [d_model, heads, head_dim]
+        d_model, heads, head_dim = kernel.shape
+        y = dense(x, kernel.reshape(d_model, heads * head_dim))
+        y = y.reshape(x.shape[:-1] + (heads, head_dim))
         if self.config.qkv_bias:
             y = y + getattr(self, name + "_bias")[...].astype(dt)
         return y
 
     def _output(self, out):
+        """out [b, t, num_heads, head_dim] -> [b, t, d_model]."""
         dt = jnp.dtype(self.config.dtype)
-        y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
+        kernel = self.o_proj[...].astype(dt)  # [num_heads, head_dim, d_model]
+        heads, head_dim, d_model = kernel.shape
+        y = dense(out.reshape(out.shape[:-2] + (heads * head_dim,)),
+                  kernel.reshape(heads * head_dim, d_model))
         if self.config.o_bias:
             y = y + self.o_bias[...].astype(dt)
         return y
@@ -247,9 +291,9 @@ class MLP(nnx.Module):
         self.down_proj = _init(rngs, (c.mlp_dim, c.d_model), c.mlp_dim, dt)
 
     def __call__(self, x):
-        gate = x @ self.gate_proj[...].astype(self.dtype)
-        up = x @ self.up_proj[...].astype(self.dtype)
-        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(self.dtype)
+        gate = dense(x, self.gate_proj[...].astype(self.dtype))
+        up = dense(x, self.up_proj[...].astype(self.dtype))
+        return dense(jax.nn.silu(gate) * up, self.down_proj[...].astype(self.dtype))
 
 
 class Block(nnx.Module):
