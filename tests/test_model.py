@@ -207,3 +207,16 @@ def test_kv_cache_holds_only_kv_heads_and_bytes_per_token():
     assert cache.k[0].dtype == cache.v[1].dtype == jnp.bfloat16
     # 2 (K and V) x 2 layers x 2 kv heads x head_dim 8 x 2 bytes.
     assert model_lib.kv_cache_bytes_per_token(config, jnp.bfloat16) == 2 * 2 * 2 * 8 * 2
+
+
+def test_dense_gradients_match_plain_matmul():
+    """model.dense's custom CPU gradient (x^T materialised) against autodiff of plain x @ w."""
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(3), 3)
+    for d_in, d_out in ((24, 40), (40, 24)):  # x wider than grad, and the reverse
+        x = jax.random.normal(kx, (3, 7, d_in), jnp.float32)
+        w = jax.random.normal(kw, (d_in, d_out), jnp.float32)
+        probe = jax.random.normal(kg, (3, 7, d_out), jnp.float32)
+        ours = jax.grad(lambda x, w: jnp.sum(model_lib.dense(x, w) * probe), argnums=(0, 1))(x, w)
+        plain = jax.grad(lambda x, w: jnp.sum((x @ w) * probe), argnums=(0, 1))(x, w)
+        for a, b in zip(ours, plain):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # fp32: summation order only
