@@ -6,10 +6,10 @@ each execution touches new pages: a training step of the d_model 256 benchmark m
 16 x 256) took ~218,000 minor page faults (~850 MB of first touches), counted with getrusage.
 With one arena, no mmap for large blocks and freed memory kept (the ENV below) the faults fell to
 ~0 and the step got 5-7% faster (measured in separate processes on the 2-core EPYC: d_model 256
-2,822 -> 2,645 ms, d_model 512 3,420 -> 3,233 ms).
-(A lone jitted op with a 32 MiB output was less regular: under the settings its faults per call
-varied from 0 to all 8,192 between identical runs.) Set with mallopt(3) from inside the running process the same values only partly took effect
-(100k+ faults a step remained), so they go in the environment before the process starts: the
+2,822 -> 2,645 ms, d_model 512 3,420 -> 3,233 ms). (A lone jitted op with a 32 MiB output was less
+regular: under the settings its faults per call varied from 0 to all 8,192 between identical
+runs.) Set with mallopt(3) from inside the running process the same values only partly took
+effect (100k+ faults a step remained), so they go in the environment before the process starts: the
 training command lines (`python -m gqa_uptrain.train`, `python -m gqa_uptrain.bench train`) call
 reexec_with_tuned_malloc() first thing, which re-runs the same command line once with ENV added.
 
@@ -29,6 +29,11 @@ import sys
 
 ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
 OPT_OUT = "GQA_UPTRAIN_KEEP_MALLOC"  # set to 1 to run with glibc's defaults
+
+
+def in_force(environ=os.environ) -> dict[str, str]:
+    """Those of ENV's variables that are set, with their values ({} = glibc's defaults)."""
+    return {k: environ[k] for k in ENV if k in environ}
 
 
 def wanted(environ=os.environ) -> bool:

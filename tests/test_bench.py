@@ -35,7 +35,7 @@ def _table_rows(lines: list[str]) -> list[list[str]]:
 
 MACHINE_KEYS = {"date_utc", "cpu", "cpu_count", "platform", "device", "jax", "python",
                 "malloc_env"}
-INHERITED_MALLOC = {k: os.environ[k] for k in hostmem.ENV if k in os.environ}
+INHERITED_MALLOC = hostmem.in_force()
 # train re-runs itself with hostmem.ENV (where wanted); decode and convert must not (hostmem.py).
 TUNED_MALLOC = hostmem.ENV if hostmem.wanted() else INHERITED_MALLOC
 

@@ -46,9 +46,9 @@ def machine_info() -> dict[str, Any]:
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
         "python": platform.python_version(),
-        # glibc malloc settings in force (hostmem.py: the decode and train benchmarks re-run
-        # themselves with them); {} = the C library's defaults.
-        "malloc_env": {k: os.environ[k] for k in hostmem.ENV if k in os.environ},
+        # glibc malloc settings in force (hostmem.py: the train benchmark re-runs itself with
+        # them); {} = the C library's defaults.
+        "malloc_env": hostmem.in_force(),
     }
 
 
