@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gqa_uptrain import attention as attention_lib
 from gqa_uptrain.attention import attention, make_mask, resolve_implementation
 
 # Per-dtype tolerances (max abs error on outputs of O(1) magnitude): fp32 both paths accumulate in
@@ -103,13 +104,15 @@ def test_bf16_cache_layout_runs_and_matches_fp32():
                                atol=TOLERANCE[jnp.bfloat16])
 
 
+@pytest.mark.parametrize("seq_kv", [11, attention_lib._SHORT_CACHE + 5])
 @pytest.mark.parametrize("head_dim", [16, 32])
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4, 8])
 @pytest.mark.parametrize("seq_q", [1, 3])
-def test_cache_implementation_matches_reference(num_kv_heads, seq_q, head_dim):
+def test_cache_implementation_matches_reference(num_kv_heads, seq_q, head_dim, seq_kv):
     # 'cache' (auto's choice for the decode cache on CPU) reorders the einsums by q_per_kv, and for
-    # one token by head_dim (<= 16 or not); cover q_per_kv 8, 4, 2, 1 on both sides.
-    q, k, v = _qkv(8, num_kv_heads, seq_q=seq_q, seq_kv=11, seed=4, head_dim=head_dim)
+    # one token by head_dim (<= 16 or not) and cache length (short or not); cover q_per_kv 8, 4,
+    # 2, 1 on every side.
+    q, k, v = _qkv(8, num_kv_heads, seq_q=seq_q, seq_kv=seq_kv, seed=4, head_dim=head_dim)
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     kw = dict(q_offset=jnp.array([7, 2]), kv_lengths=jnp.array([7 + seq_q, 2 + seq_q]),
               kv_layout="bksd")

@@ -104,10 +104,13 @@ def test_no_kv_tensor_with_num_heads_heads_in_model_decode_jaxpr():
     assert not _has_repeated_kv(shapes, 11, 6, 8)
 
 
+# head_dim 8 and 32: on either side of xla_cpu.SMALL_HEAD_DIM, where the decode step's compiler
+# options change.
+@pytest.mark.parametrize("d_model", [32, 128])
 @pytest.mark.parametrize("num_kv_heads", [1, 2, NUM_HEADS])
 @pytest.mark.parametrize("implementation", ["auto", "reference"])
-def test_prefill_then_steps_reproduce_full_forward(num_kv_heads, implementation):
-    model = model_lib.build_model(tiny_config(num_kv_heads), seed=2)
+def test_prefill_then_steps_reproduce_full_forward(num_kv_heads, implementation, d_model):
+    model = model_lib.build_model(tiny_config(num_kv_heads, d_model=d_model), seed=2)
     batch, seq = 3, 12
     tokens = _tokens(batch, seq, seed=3)
     full = np.asarray(model_lib.forward_fn(model, "reference")(tokens))  # [b, t, v]
