@@ -221,5 +221,6 @@ if __name__ == "__main__":
                          f"seq_len, or {DEFAULT_SEQ_LEN} for a Hugging Face folder)")
     flags.DEFINE_integer("batch_size", 8, "windows per forward pass")
     flags.DEFINE_integer("max_batches", -1, "score only the first N batches (-1: all)")
-    flags.DEFINE_enum("implementation", "auto", ["auto", "reference", "xla"], "attention")
+    flags.DEFINE_enum("implementation", "auto", ["auto", "reference", "xla", "einsum_vjp"],
+                      "attention")
     app.run(main)

@@ -1,4 +1,5 @@
-"""The attention entry point: 'reference' (grouped einsum) vs 'xla' (jax.nn.dot_product_attention)."""
+"""The attention entry point: 'reference' (grouped einsum) vs 'xla' (jax.nn.dot_product_attention)
+and 'einsum_vjp' (attention_vjp's hand-written backward)."""
 
 import jax
 import jax.numpy as jnp
@@ -58,10 +59,46 @@ def test_reference_and_xla_agree(dtype, num_kv_heads):
     ]
     for kw in cases:
         ref = attention(q, k, v, implementation="reference", **kw)
-        xla = attention(q, k, v, implementation="xla", **kw)
-        assert ref.dtype == xla.dtype == dtype
-        np.testing.assert_allclose(np.asarray(ref, np.float32), np.asarray(xla, np.float32),
-                                   atol=TOLERANCE[dtype], err_msg=str(kw))
+        for implementation in ("xla", "einsum_vjp"):
+            got = attention(q, k, v, implementation=implementation, **kw)
+            assert got.dtype == ref.dtype == dtype
+            np.testing.assert_allclose(np.asarray(ref, np.float32), np.asarray(got, np.float32),
+                                       atol=TOLERANCE[dtype], err_msg=f"{implementation} {kw}")
+
+
+# Gradient tolerances (max abs error; gradients here are O(1)): fp32 as the outputs' plus the
+# backward's extra reductions over seq; bf16 as the outputs', the cast back rounding each gradient.
+GRAD_TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
+def test_einsum_vjp_gradients_match_autodiff_of_the_reference(dtype, num_kv_heads):
+    q, k, v = _qkv(4, num_kv_heads, dtype=dtype, seed=2)
+    weights = jax.random.normal(jax.random.PRNGKey(3), q.shape, jnp.float32)
+    cases = [
+        dict(causal=True),
+        dict(causal=True, segment_ids=jnp.array([[0] * 4 + [1] * 5, [0] * 3 + [1] * 6])),
+        # Batch row 1 sees no key at all: its queries' outputs are the mean of V whatever q and k
+        # are, so q and k get no gradient from it (the reference's select; the custom backward
+        # must zero it explicitly).
+        dict(causal=False, kv_lengths=jnp.array([5, 0])),
+    ]
+    for kw in cases:
+        def grads(implementation):
+            loss = lambda q, k, v: jnp.sum(
+                attention(q, k, v, implementation=implementation, **kw).astype(jnp.float32)
+                * weights)
+            return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+        got = grads("einsum_vjp")
+        for name, g, want in zip("qkv", got, grads("reference")):
+            assert g.dtype == want.dtype == dtype
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(want, np.float32),
+                                       atol=GRAD_TOLERANCE[dtype], err_msg=f"d{name} {kw}")
+        if "kv_lengths" in kw:  # the fully masked batch row is really exercised
+            dq = np.asarray(got[0], np.float32)
+            assert np.abs(dq[1]).max() == 0 and np.abs(dq[0]).max() > 0.1
 
 
 def test_q_offset_and_kv_lengths_place_queries_in_the_cache():
@@ -85,6 +122,8 @@ def test_bad_implementation_and_layout_are_named():
         resolve_implementation("cudnn2")
     with pytest.raises(ValueError, match="implementation='xla' needs kv_layout='bskd'"):
         resolve_implementation("xla", "bksd")
+    with pytest.raises(ValueError, match="implementation='einsum_vjp' needs kv_layout='bskd'"):
+        resolve_implementation("einsum_vjp", "bksd")
     with pytest.raises(ValueError, match="kv_layout='sbkd'"):
         resolve_implementation("reference", "sbkd")
     q, k, v = _qkv(4, 2)

@@ -46,7 +46,7 @@ def test_gqa_equals_mha_with_contiguously_repeated_kv(num_kv_heads):
     mha_config = tiny_config(NUM_HEADS)
     contiguous = model_lib.build_model(
         mha_config, _expand_kv(model_lib.get_params(gqa), q_per_kv, interleaved=False))
-    for implementation in ("reference", "xla"):
+    for implementation in ("reference", "xla", "einsum_vjp"):
         np.testing.assert_allclose(model_lib.forward_fn(contiguous, implementation)(tokens), want,
                                    atol=2e-5, rtol=1e-5)
     # Negative control: interleaved copies pair query heads with the wrong KV heads, so this
@@ -77,7 +77,7 @@ def _has_repeated_kv(shapes, seq_kv, num_heads, head_dim):
     return [s for s in shapes if seq_kv in s and num_heads in s and head_dim in s]
 
 
-@pytest.mark.parametrize("implementation", ["reference", "xla"])
+@pytest.mark.parametrize("implementation", ["reference", "xla", "einsum_vjp"])
 def test_no_kv_tensor_with_num_heads_heads_in_attention_jaxpr(implementation):
     # Pairwise-distinct sizes so that a shape identifies its axes: seq_q 5, seq_kv 7, heads 6,
     # kv heads 2, group 3, head_dim 8, batch 1.
