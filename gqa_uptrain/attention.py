@@ -272,5 +272,7 @@ def attention(
     if impl == "cache":
         return _cache_attention(q, k, v, mask)
     if impl == "einsum_vjp":
-        return attention_vjp(q, k, v, mask)
+        # Query blocks may skip later keys only when the mask is causal self-attention.
+        blocks_ok = causal and q_offset is None and q.shape[1] == k.shape[1]
+        return attention_vjp(q, k, v, mask, causal=blocks_ok)
     return _xla_attention(q, k, v, mask)

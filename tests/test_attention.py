@@ -7,11 +7,16 @@ import numpy as np
 import pytest
 
 from gqa_uptrain import attention as attention_lib
+from gqa_uptrain import attention_vjp
 from gqa_uptrain.attention import attention, make_mask, resolve_implementation
 
 # Per-dtype tolerances (max abs error on outputs of O(1) magnitude): fp32 both paths accumulate in
 # fp32; bf16 inputs round q/k/v/probabilities to 8 mantissa bits, so ~2^-8 relative per element.
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+# Gradient tolerances (max abs error; gradients here are O(1)): fp32 as the outputs' plus the
+# backward's extra reductions over seq; bf16 as the outputs', the cast back rounding each gradient.
+GRAD_TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
 
 def _qkv(num_heads, num_kv_heads, seq_q=9, seq_kv=9, dtype=jnp.float32, seed=0, head_dim=16):
@@ -66,9 +71,36 @@ def test_reference_and_xla_agree(dtype, num_kv_heads):
                                        atol=TOLERANCE[dtype], err_msg=f"{implementation} {kw}")
 
 
-# Gradient tolerances (max abs error; gradients here are O(1)): fp32 as the outputs' plus the
-# backward's extra reductions over seq; bf16 as the outputs', the cast back rounding each gradient.
-GRAD_TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+@pytest.mark.parametrize("num_kv_heads", [1, 2])
+def test_einsum_vjp_causal_query_blocks_match_the_reference(num_kv_heads):
+    # 200 positions: three causal query blocks of 67/66/67 (attention_vjp._query_blocks), each over
+    # its key prefix; packed segments cross the block boundaries.
+    seq = 200
+    assert len(attention_vjp._query_blocks(seq, causal=True)) == 3
+    q, k, v = _qkv(4, num_kv_heads, seq_q=seq, seq_kv=seq, seed=4, head_dim=8)
+    weights = jax.random.normal(jax.random.PRNGKey(5), q.shape, jnp.float32)
+    segment_ids = jnp.array([[0] * 60 + [1] * 90 + [2] * 50, [0] * 200])
+
+    def out_and_grads(implementation):
+        fn = lambda q, k, v: attention(q, k, v, causal=True, segment_ids=segment_ids,
+                                       implementation=implementation)
+        grads = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * weights), argnums=(0, 1, 2))
+        return jax.jit(fn)(q, k, v), jax.jit(grads)(q, k, v)
+
+    (got_out, got), (want_out, want) = out_and_grads("einsum_vjp"), out_and_grads("reference")
+    np.testing.assert_allclose(got_out, want_out, atol=TOLERANCE[jnp.float32])
+    for name, g, w in zip("qkv", got, want):
+        np.testing.assert_allclose(g, w, atol=GRAD_TOLERANCE[jnp.float32], err_msg=f"d{name}")
+
+
+def test_causal_query_blocks_tile_the_sequence():
+    for seq in (1, 63, 64, 127, 128, 200, 256, 1000, 4096):
+        blocks = attention_vjp._query_blocks(seq, causal=True)
+        assert blocks[0][0] == 0 and blocks[-1][1] == seq
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+        assert len(blocks) <= attention_vjp._MAX_CAUSAL_BLOCKS
+        assert seq < 2 * attention_vjp._MIN_CAUSAL_BLOCK or min(e - s for s, e in blocks) >= 64
+    assert attention_vjp._query_blocks(1000, causal=False) == [(0, 1000)]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
