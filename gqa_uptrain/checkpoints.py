@@ -157,6 +157,8 @@ def _stored_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], Any]]:
 
 def _restore_flat(directory: str, expected: dict[str, Any], what: str,
                   shardings: dict[str, Any] | None) -> dict[str, Any]:
+    # orbax reads no metadata from a relative path (item_metadata is None): always absolute.
+    directory = os.path.abspath(directory)
     stored = _stored_shapes(directory)
     try:
         check_params_match(expected, {k: np.empty(s, dtype=bool) for k, (s, _) in stored.items()},
@@ -222,7 +224,8 @@ def latest_checkpoint(workdir: str) -> str | None:
 
 
 def resolve(path: str) -> str:
-    """A checkpoint directory, or a workdir (-> its latest complete checkpoint)."""
+    """A checkpoint directory, or a workdir (-> its latest complete checkpoint); absolute."""
+    path = os.path.abspath(path)
     if is_checkpoint(path):
         return path
     latest = latest_checkpoint(path)
