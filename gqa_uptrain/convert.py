@@ -489,7 +489,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calib_tokenizer", default="auto",
                    help="'auto' (the input's own tokenizer; byte-level for a model trained here), "
                         "'byte', or a tokenizer.json path")
-    p.add_argument("--output_format", default="auto", choices=("auto",) + FORMATS)
+    p.add_argument("--output_format", default="auto", choices=("auto",) + FORMATS,
+                   help="'hf' (a Hugging Face folder) or 'checkpoint' (this project's format); "
+                        "default auto: the input's format")
     p.add_argument("--tokenizer", default=None,
                    help="checkpoint -> hf: folder (or tokenizer.json) whose tokenizer to ship")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
