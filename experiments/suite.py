@@ -17,7 +17,8 @@ Layout of OUTPUT_DIR:
   speed.json            decode timing per G
   runs/<run>/           each training's workdir (train.py: resumable) or a converted checkpoint
   records/<name>.json   one finished record each, written atomically: its presence skips the run
-  results.json, table.md, *.png   regenerated from the records after every run
+  results.json, table.md, *.png   regenerated from the records after every run (a figure with no
+                                  data beyond the MHA reference is not written: plots.py)
   data_cache/, jax_cache/         shared by all runs
 Interrupting and rerunning the same command continues: finished records are skipped, and a
 training interrupted mid-way resumes from its workdir's latest checkpoint. Deleting speed.json
@@ -428,12 +429,15 @@ class Suite:
                         if r.name in self.records],
         }
 
-    def write_outputs(self) -> None:
+    def write_outputs(self, report: bool = False) -> list[str]:
+        """results.json, table.md and the figures that have data (their names returned); with
+        `report`, says which figure was not written and why (plots.make_plots)."""
         obj = self.results_object()
         results.validate_results(obj)
         results.write_json_atomic(os.path.join(self.out, "results.json"), obj)
         results.write_text_atomic(os.path.join(self.out, "table.md"), results.make_table(obj))
-        plots.make_plots(obj, self.out)
+        written = plots.make_plots(obj, self.out, log=log if report else None)
+        return [os.path.basename(p) for p in written]
 
     def run_all(self, reuse_from: str = "") -> dict[str, list[str]]:
         self.claim_output_dir()
@@ -457,9 +461,9 @@ class Suite:
             log(f"run {run.name} ({i}/{len(runs)})")
             getattr(self, f"run_{run.kind}")(run)
             self.write_outputs()
-        self.write_outputs()
-        log(f"wrote {os.path.join(self.out, 'results.json')}, table.md and "
-            f"{', '.join(plots.FILES)}; ran {len(self.summary['ran'])}, skipped "
+        figures = self.write_outputs(report=True)
+        log(f"wrote {os.path.join(self.out, 'results.json')}, table.md"
+            f"{''.join(', ' + f for f in figures)}; ran {len(self.summary['ran'])}, skipped "
             f"{len(self.summary['skipped'])}")
         return self.summary
 

@@ -344,3 +344,31 @@ def test_table_only_rewrites_table_and_plots_and_reports_errors_in_one_line(tmp_
     assert err.count("\n") == 1 and "uptrain_g1_mean_a0.05_s0" in err and "val_loss=nan" in err
     assert reproduce.main(["--table_only", f"--output_dir={tmp_path / 'absent'}"]) == 1
     assert "results.json" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def test_a_figure_without_data_beyond_the_mha_reference_is_not_written(tmp_path, capsys):
+    from experiments import plots  # noqa: PLC0415
+
+    obj = _synthetic_results()
+    # Only the MHA rows: every figure would show the reference alone. None is written, a stale
+    # copy is removed, and the printed output names each figure and why.
+    mha_only = {**obj, "records": [r for r in obj["records"]
+                                   if r["kind"] in ("pretrain", "continue")]}
+    results.validate_results(mha_only)
+    (tmp_path / "quality_vs_alpha.png").write_bytes(PNG_MAGIC)
+    assert plots.make_plots(mha_only, str(tmp_path)) == []
+    assert not any(p.suffix == ".png" for p in tmp_path.iterdir())
+    out = capsys.readouterr().out
+    for name in plots.FILES:
+        assert f"not writing {name}" in out, out
+    assert "removed the old one" in out
+
+    # No alpha sweep (the methods preset): the other two figures are written, this one is not.
+    no_sweep = {**obj, "records": [r for r in obj["records"] if r["kind"] != "sweep"]}
+    written = plots.make_plots(no_sweep, str(tmp_path))
+    assert [os.path.basename(p) for p in written] == ["quality_vs_speed.png", "ablation.png"]
+    assert not (tmp_path / "quality_vs_alpha.png").exists()
+    assert "not writing quality_vs_alpha.png: no alpha-sweep records" in capsys.readouterr().out
