@@ -21,9 +21,11 @@ from ml_collections import config_dict
 from gqa_uptrain.config_args import parse_config_arg
 
 # Model sizes. 'cpu': 4 layers, d_model 256, 8 heads of 32 (so it can be pooled to 4, 2 or 1 KV
-# heads): 3.5M params. On 2 idle CPU cores a step of 16 x 256 tokens takes ~2.2 s (~1.8k tokens/s,
-# ENVIRONMENT.md; 8 heads of 32 measured as fast as 4 of 64); 350 steps = 1.4M tokens ≈ 13 minutes,
-# plus ~1 minute of validation (the last one scores the whole split, ~120k tokens).
+# heads): 3.5M params. On 2 idle CPU cores a step of 16 x 256 tokens takes ~2.2 s (~1.8k tokens/s:
+# measured on this project's 2-core AMD EPYC machine, ~1,850 tokens/s for this shape with 4 heads of
+# 64, and 8 heads of 32 measured as fast; `bench train` later measured 1.8 s a step, README
+# "Performance"); 350 steps = 1.4M tokens ≈ 13 minutes, plus ~1 minute of validation (the last one
+# scores the whole split, ~120k tokens).
 SIZES = {
     "cpu": dict(d_model=256, num_layers=4, num_heads=8, mlp_dim=768),
     "base": dict(d_model=768, num_layers=12, num_heads=12, mlp_dim=2048),
@@ -55,7 +57,10 @@ def get_config(arg=None):
         qkv_bias=False,
         o_bias=False,
         param_dtype="float32",
-        dtype="float32",  # bf16 is slower than fp32 on this CPU (ENVIRONMENT.md); use it on GPU/TPU
+        # bf16 is slower than fp32 on this CPU: on this project's 2-core AMD EPYC (AVX2, no
+        # AVX-512) 2048^3-4096^3 matmuls measured 35-65 GFLOP/s in bf16, 110-127 in fp32, in one
+        # run; use bf16 on GPU/TPU
+        dtype="float32",
         **SIZES[args["size"]],
     ))
 
