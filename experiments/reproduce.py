@@ -33,10 +33,13 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
 from experiments import presets  # noqa: E402
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="cpu", choices=sorted(presets.PRESETS))
-    parser.add_argument("--output_dir", default="")
+    parser.add_argument("--preset", default="cpu", choices=sorted(presets.PRESETS),
+                        help="which suite to run (default cpu; --list_presets describes each)")
+    parser.add_argument("--output_dir", default="",
+                        help="where results.json, table.md, the plots and the runs (runs/NAME/) go "
+                             "(required unless --list_presets); rerun with it to continue")
     parser.add_argument("--compilation_cache_dir", default="",
                         help="jax's persistent compilation cache ('' = OUTPUT_DIR/jax_cache)")
     parser.add_argument("--table_only", action="store_true",
@@ -48,8 +51,13 @@ def main(argv=None) -> int:
     parser.add_argument("--remeasure_speed", action="store_true",
                         help="time decode again (deletes OUTPUT_DIR/speed.json) and update every "
                              "record's decode_ms_per_token")
-    parser.add_argument("--list_presets", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--list_presets", action="store_true",
+                        help="print each preset's description and step counts, and exit")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.list_presets:
         for p in presets.PRESETS.values():
             print(f"{p.name}: {p.doc}\n  steps: {p.total_steps()}\n")

@@ -1,5 +1,6 @@
 """The benchmark commands decode / train / convert: each `--quick` form runs as its command line and
-ends with its JSON headline under the documented keys; decode reports the cost model's bytes.
+ends with its JSON headline under the documented keys, its targets "not judged"; decode reports the
+cost model's bytes.
 
 No timing is asserted: speed is judged by the benchmarks themselves, not by a timed test.
 """
@@ -33,6 +34,14 @@ def _table_rows(lines: list[str]) -> list[list[str]]:
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
 
 
+def _assert_not_judged(headline: dict, lines: list[str]) -> None:
+    """A --quick run's times mean nothing: every target says so, in the JSON and printed."""
+    assert headline["targets"] and set(headline["targets"].values()) == {bench.NOT_JUDGED}
+    (printed,) = [line for line in lines if line.startswith("Targets: ")]
+    assert printed == "Targets: " + "; ".join(f"{name} {bench.NOT_JUDGED}"
+                                              for name in headline["targets"])
+
+
 MACHINE_KEYS = {"date_utc", "cpu", "cpu_count", "platform", "device", "jax", "python",
                 "malloc_env"}
 INHERITED_MALLOC = hostmem.in_force()
@@ -53,7 +62,7 @@ def test_decode_quick_reports_the_cost_models_bytes():
     assert set(headline["targets"]) == {"all_ge_70pct_roofline_at_long_context",
                                         "faster_than_hf_every_g", "monotonic",
                                         "half_ideal_speedup_at_long"}
-    assert all(isinstance(v, bool) for v in headline["targets"].values())
+    _assert_not_judged(headline, lines)
     config = ModelConfig.from_dict(headline["config"])
     batch, contexts = headline["batch"], headline["contexts"]
     rows = headline["rows"]
@@ -100,7 +109,7 @@ def test_train_quick_emits_tokens_per_second_and_mfu():
     assert headline["bench"] == "train" and set(headline["machine"]) == MACHINE_KEYS
     assert headline["machine"]["malloc_env"] == TUNED_MALLOC
     assert set(headline["targets"]) == {"ahead_of_hf_every_shape", "mfu_ge_70pct_every_shape"}
-    assert all(isinstance(v, bool) for v in headline["targets"].values())
+    _assert_not_judged(headline, lines)
     (row,) = headline["rows"]
     assert {"shape", "config", "batch", "seq_len", "params", "flops_per_token", "step_ms",
             "tokens_per_s", "mfu", "hf_step_ms", "hf_tokens_per_s", "hf_mfu",
@@ -139,7 +148,7 @@ def test_convert_quick_caches_its_checkpoint_and_cleans_its_outputs(tmp_path):
     assert headline["bench"] == "convert" and set(headline["machine"]) == MACHINE_KEYS
     assert headline["machine"]["malloc_env"] == INHERITED_MALLOC
     assert set(headline["targets"]) == {"time_le_2x_copy", "rss_le_25pct_of_checkpoint"}
-    assert all(isinstance(v, bool) for v in headline["targets"].values())
+    _assert_not_judged(headline, lines)
     assert headline["time_ratio"] == pytest.approx(headline["convert_s"] / headline["copy_s"])
     assert headline["convert_peak_rss_mib"] > headline["copy_peak_rss_mib"] > 0
     checkpoint = headline["checkpoint"]
@@ -163,6 +172,21 @@ def test_convert_quick_caches_its_checkpoint_and_cleans_its_outputs(tmp_path):
     assert again["checkpoint"]["bytes"] == checkpoint["bytes"]
     assert os.listdir(cache) == [os.path.basename(checkpoint["path"])]
     assert len(_table_rows(lines)) == 2
+
+
+def test_targets_are_judged_unless_quick(capsys, monkeypatch):
+    """bench.main reports targets (met / missed / n/a) for every subcommand, and under --quick
+    none: a stand-in benchmark, so no run is needed."""
+    headline = {"bench": "decode", "targets": {"fast": True, "small": False, "peer": None}}
+    monkeypatch.setitem(bench.SUBCOMMANDS, "decode", (bench.SUBCOMMANDS["decode"][0],
+                                                      lambda args: json.loads(json.dumps(headline))))
+    assert bench.main(["decode"]) == 0
+    *_, printed, last = capsys.readouterr().out.strip().splitlines()
+    assert printed == "Targets: fast met; small missed; peer n/a"
+    assert json.loads(last)["targets"] == headline["targets"]
+    assert bench.main(["decode", "--quick"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    _assert_not_judged(json.loads(lines[-1]), lines)
 
 
 @pytest.mark.parametrize("argv,needle", [

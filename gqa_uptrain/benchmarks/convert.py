@@ -33,7 +33,8 @@ num_key_value_heads, intermediate_size, vocab_size, dtype}}, num_kv_heads_before
 num_kv_heads_after, method, repeats, copy_s, convert_s (medians), copy_runs_s, convert_runs_s
 (every timed run), time_ratio, copy_peak_rss_mib, convert_peak_rss_mib (max over runs),
 convert_output_bytes, rss_fraction (convert peak RSS / checkpoint bytes), targets
-{time_le_2x_copy, rss_le_25pct_of_checkpoint}: booleans.
+{time_le_2x_copy, rss_le_25pct_of_checkpoint}: booleans; under --quick each is
+"not judged (--quick)" (bench.py).
 """
 
 from __future__ import annotations

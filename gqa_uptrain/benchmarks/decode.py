@@ -38,7 +38,8 @@ run or failed; then hf_error), kv_cache_mib, bytes_per_step, flops_per_step, roo
 roofline_fraction, speedup_vs_mha (null without an MHA row), ideal_speedup, speedup_vs_hf},
 targets {all_ge_70pct_roofline_at_long_context, faster_than_hf_every_g (every row; null without
 the peer), monotonic (at every context, ms/token never rises as G falls), half_ideal_speedup_at_long
-(at the longest context, every G's speed-up >= half its ideal; null without an MHA row)}: booleans.
+(at the longest context, every G's speed-up >= half its ideal; null without an MHA row)}: booleans;
+under --quick each is "not judged (--quick)" (bench.py).
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ device, jax, python}, peak_gflops, repeats, implementation, torch_threads (null 
 peer), rows: one per shape {shape, config (ModelConfig.to_dict), batch, seq_len, params,
 flops_per_token, step_ms, tokens_per_s, mfu, hf_step_ms, hf_tokens_per_s, hf_mfu (the hf_* null
 when the peer did not run; then hf_error), speedup_vs_hf (= our tokens/s / theirs)}, targets
-{ahead_of_hf_every_shape (null without the peer), mfu_ge_70pct_every_shape}: booleans.
+{ahead_of_hf_every_shape (null without the peer), mfu_ge_70pct_every_shape}: booleans; under --quick
+each is "not judged (--quick)" (bench.py).
 """
 
 from __future__ import annotations
