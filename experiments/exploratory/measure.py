@@ -42,3 +42,14 @@ for G in [int(g) for g in os.environ.get("GS", "4,2,1").split(",")]:
         fits = [x for x in rep.get("layers", []) if "objective_fit" in x]
         if fits: extra += f" Kobj {sum(x['objective_mean'] for x in fits):.3g}->{sum(x['objective_fit'] for x in fits):.3g}"
         print(f"G={G} {method:22s} loss {l:.4f}  gap-closed {closed:+.2f}  ({time.time()-t:.0f}s){extra}", flush=True)
+
+# Keep the output (the README's table of 2026-11-28 was not archived): OUT_JSON=path writes every
+# loss measured here, with the settings that produced it.
+if os.environ.get("OUT_JSON"):
+    with open(os.environ["OUT_JSON"], "w") as f:
+        json.dump({"checkpoint": path, "model": config.to_dict(),
+                   "seq_len": seq, "val_tokens": int(vb["loss_mask"].sum()),
+                   "calib_tokens": calib_tokens, "calib_seed": int(os.environ.get("CALIB_SEED", 0)),
+                   "mha_val_loss": base,
+                   "val_loss": {f"G={G} {m}": l for (G, m), l in res.items()}}, f, indent=1)
+    print(f"wrote {os.environ['OUT_JSON']}", flush=True)
