@@ -4,6 +4,8 @@ A checkpoint is a directory:
   meta.json      format version, ModelConfig, step, source run's step, data position, provenance
   params/        orbax (StandardCheckpointer) of the flat {dotted name: array} params dict
   opt_state/     optional, orbax of the optimizer state flattened to {key path: array}
+  tokenizer.json optional, the model's own tokenizer (copied in by save(tokenizer_file=...); its
+                 sha256 is in meta.json's provenance): see tokenizer_spec / default_tokenizer
 
 It is written into a temporary sibling directory and renamed into place only when complete, so an
 interrupted save never leaves something that looks like a checkpoint. Restores are strict: every
@@ -22,6 +24,7 @@ state. The filesystem must be shared between the processes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -36,6 +39,10 @@ from gqa_uptrain.model import ModelConfig, abstract_params, check_params_match
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 CHECKPOINTS_DIR = "checkpoints"
+TOKENIZER_FILE = "tokenizer.json"
+# A model whose vocabulary is this size and has no Hugging Face ancestor was trained here on bytes
+# (ids 0..255, the rest unused): the one rule for "byte-level without a record" (default_tokenizer).
+BYTE_VOCAB_SIZES = range(256, 513)
 
 
 class CheckpointError(ValueError):
@@ -107,13 +114,35 @@ def _unflatten_like(target: Any, flat: dict[str, Any]) -> Any:
                                         [flat[jax.tree_util.keystr(p)] for p, _ in leaves])
 
 
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def save(path: str, params: dict[str, Any], meta: Meta, opt_state: Any = None, *,
-         overwrite: bool = False) -> None:
-    """Writes a complete checkpoint at `path` (atomically: temp sibling, then rename)."""
+         overwrite: bool = False, tokenizer_file: str | None = None) -> None:
+    """Writes a complete checkpoint at `path` (atomically: temp sibling, then rename).
+
+    tokenizer_file: a tokenizer.json to copy into the checkpoint (as TOKENIZER_FILE, inside the
+    temporary directory, so it arrives with the rest); the saved provenance then records
+    tokenizer='tokenizer.json' (the file inside this checkpoint), its tokenizer_sha256, and
+    tokenizer_source (where it was copied from, unless `meta` already names an earlier source).
+    """
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise CheckpointError(f"{path} already exists")
     check_params_match(abstract_params(meta.model_config), params, what="params to save")
+    if tokenizer_file is not None:
+        if not os.path.isfile(tokenizer_file):
+            raise CheckpointError(f"tokenizer {tokenizer_file} is not a file")
+        tokenizer_file = os.path.abspath(tokenizer_file)
+        provenance = dict(meta.provenance)
+        provenance.setdefault("tokenizer_source", tokenizer_file)
+        provenance.update(tokenizer=TOKENIZER_FILE, tokenizer_sha256=file_sha256(tokenizer_file))
+        meta = dataclasses.replace(meta, provenance=provenance)
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     # A fixed temporary name (not mkdtemp): a save killed mid-write leaves this behind, and the
@@ -131,6 +160,12 @@ def save(path: str, params: dict[str, Any], meta: Meta, opt_state: Any = None, *
         ckptr.wait_until_finished()
         _barrier(f"written:{path}")
         if _is_primary():
+            if tokenizer_file is not None:
+                shutil.copyfile(tokenizer_file, os.path.join(tmp, TOKENIZER_FILE))
+                if file_sha256(os.path.join(tmp, TOKENIZER_FILE)) != meta.provenance[
+                        "tokenizer_sha256"]:
+                    raise CheckpointError(f"tokenizer {tokenizer_file} changed while it was "
+                                          "being copied")
             with open(os.path.join(tmp, META_FILE), "w") as f:
                 f.write(meta.to_json())
             if os.path.exists(path):
@@ -234,12 +269,79 @@ def resolve(path: str) -> str:
     return latest
 
 
-def save_step(workdir: str, params, meta: Meta, opt_state=None, keep: int | None = None) -> str:
-    """Saves WORKDIR/checkpoints/<meta.step>, then deletes all but the newest `keep`."""
+def save_step(workdir: str, params, meta: Meta, opt_state=None, keep: int | None = None, *,
+              tokenizer_file: str | None = None) -> str:
+    """Saves WORKDIR/checkpoints/<meta.step> (with a copy of tokenizer_file, see save), then
+    deletes all but the newest `keep`."""
     path = step_dir(workdir, meta.step)
-    save(path, params, meta, opt_state, overwrite=True)
+    save(path, params, meta, opt_state, overwrite=True, tokenizer_file=tokenizer_file)
     if keep is not None and _is_primary():
         for old in list_steps(workdir)[:-keep]:
             shutil.rmtree(step_dir(workdir, old), ignore_errors=True)
     _barrier(f"pruned:{path}")
     return path
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def hf_base_config(provenance: dict[str, Any], depth: int = 5) -> dict[str, Any] | None:
+    """The Hugging Face config.json a checkpoint descends from, if it can still be found: its own
+    provenance['hf_config'], else the HF folder or checkpoint its training run started from
+    (train.py's provenance['init']), followed up to `depth` checkpoints back."""
+    from gqa_uptrain import hf  # noqa: PLC0415
+
+    if provenance.get("hf_config"):
+        return provenance["hf_config"]
+    init = provenance.get("init") or {}
+    try:
+        if init.get("hf_folder") and os.path.isfile(os.path.join(init["hf_folder"], hf.CONFIG_FILE)):
+            return hf.read_hf_config(init["hf_folder"])
+        if init.get("checkpoint") and depth > 0 and is_checkpoint(init["checkpoint"]):
+            return hf_base_config(read_meta(init["checkpoint"]).provenance, depth - 1)
+    except ValueError:  # an ancestor that no longer reads: as if there were none
+        return None
+    return None
+
+
+def tokenizer_spec(path: str, meta: Meta | None = None) -> str | None:
+    """The tokenizer a checkpoint directory records: its own tokenizer.json (absolute path; its
+    sha256 is checked against meta.json's), else its provenance['tokenizer'] as older checkpoints
+    record it ('byte' or a tokenizer.json path, which may no longer exist), else None."""
+    meta = meta or read_meta(path)
+    own = os.path.join(os.path.abspath(path), TOKENIZER_FILE)
+    recorded = meta.provenance.get("tokenizer")
+    if os.path.isfile(own):
+        want = meta.provenance.get("tokenizer_sha256")
+        if want and file_sha256(own) != want:
+            raise CheckpointError(f"{own} does not match the sha256 recorded in {META_FILE}: "
+                                  "the checkpoint's tokenizer was modified")
+        return own
+    if recorded == TOKENIZER_FILE:  # recorded as its own file, which is gone
+        raise CheckpointError(f"{path} records its own {TOKENIZER_FILE}, which is missing")
+    return recorded or None
+
+
+def default_tokenizer(path: str, meta: Meta | None = None) -> str | None:
+    """The tokenizer a checkpoint is used with when none is given ('auto'): tokenizer_spec when it
+    exists ('byte', or a tokenizer.json that is still there); byte-level for a checkpoint recording
+    nothing whose vocabulary is byte-sized (BYTE_VOCAB_SIZES) and that has no Hugging Face
+    ancestor (hf_base_config), i.e. a model trained here on bytes; else None. Never byte-level for
+    any other model: its ids would be read as bytes, silently."""
+    meta = meta or read_meta(path)
+    spec = tokenizer_spec(path, meta)
+    if spec is not None:
+        return spec if spec == "byte" or os.path.isfile(spec) else None
+    if (meta.model_config.vocab_size in BYTE_VOCAB_SIZES
+            and hf_base_config(meta.provenance) is None):
+        return "byte"
+    return None
+
+
+def no_tokenizer_message(path: str, meta: Meta, key: str) -> str:
+    """Why default_tokenizer found none, ending with the flag or config key to set."""
+    spec = tokenizer_spec(path, meta)
+    why = (f"its recorded tokenizer {spec} is gone" if spec else
+           f"it has no {TOKENIZER_FILE} and records none, and its vocabulary of "
+           f"{meta.model_config.vocab_size} ids is not a byte-level model trained here")
+    return f"cannot tell which tokenizer checkpoint {path} uses ({why}); set {key}"

@@ -1,6 +1,6 @@
 """The converter's command line: MHA (or GQA) -> GQA with fewer KV heads, by pooling K/V heads.
 
-  python -m gqa_uptrain.convert --input=PATH --output=PATH --num_kv_heads=G [--method=mean]
+  python -m gqa_uptrain.convert --input=PATH --output=PATH [--num_kv_heads=G] [--method=mean]
       [--seed=0] [--output_format=auto|hf|checkpoint] [--tokenizer=PATH] [--overwrite]
       [--calib_data=stdlib] [--calib_tokens=16384] [--calib_seq_len=256] [--calib_tokenizer=auto]
 
@@ -11,6 +11,8 @@ input's format unless --output_format says otherwise:
   checkpoint -> checkpoint  convert_checkpoint below
   hf -> checkpoint          import (hf.load_hf_model), pool, save: ready for uptraining
   checkpoint -> hf          restore, pool, export (hf.export_hf): ready for transformers
+--num_kv_heads defaults to the input's current count (read from its config.json / meta.json before
+any array): nothing is pooled, so e.g. a checkpoint -> hf export with --method=mean is an exact copy.
 It prints layers converted, KV heads, KV projection parameters and KV-cache bytes per token, each
 before -> after. Bad input prints one line `error: ...` on stderr, exits 1 (2 for bad flags), and
 leaves nothing behind: every output is written beside its destination and renamed when complete.
@@ -40,7 +42,7 @@ from gqa_uptrain import hf, merging, pooling
 
 FORMATS = ("hf", "checkpoint")
 # Provenance entries a converted checkpoint keeps at the top level (see convert_checkpoint).
-_CARRIED = ("tokenizer", "data", "hf_config")
+_CARRIED = ("tokenizer", "tokenizer_source", "data", "hf_config")
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 
@@ -92,9 +94,10 @@ def _load_and_convert(input_path, num_kv_heads, method, seed, calibration):
     new config, calibration provenance). G is checked against meta.json before any array is read."""
     from gqa_uptrain import checkpoints  # noqa: PLC0415 (jax: only on this path)
 
-    meta_in = checkpoints.read_meta(checkpoints.resolve(input_path))
+    resolved = checkpoints.resolve(input_path)
+    meta_in = checkpoints.read_meta(resolved)
     pooling.check_num_kv_heads(meta_in.model_config.num_kv_heads, num_kv_heads)
-    calib_tokenizer = _checkpoint_tokenizer(meta_in, method, calibration)
+    calib_tokenizer = _checkpoint_tokenizer(resolved, meta_in, method, calibration)
     resolved, params, meta_in = _restore(input_path)
     new_params, new_config, calib = _convert_params(
         params, meta_in.model_config, num_kv_heads, method, seed, calibration, calib_tokenizer)
@@ -131,7 +134,8 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int, met
     (step 0, source_step P) keeps P; an uptrained one (step S, source_step P) gives P + S.
     data_position is None (a new run); the input's step, source_step, data_position and
     provenance are kept under provenance['source'], and its 'tokenizer', 'data' and 'hf_config'
-    entries are also carried to the top level (where evaluate, train and export read them).
+    entries are also carried to the top level (where evaluate, train and export read them). The
+    input's own tokenizer.json, when it has one, is copied into the output (checkpoints.save).
     calibration: for the methods that read activations (merging.METHODS), default
     CalibrationOptions().
     """
@@ -142,6 +146,10 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int, met
     hf.check_output_path(input_path, output_path, overwrite)
     resolved, meta_in, new_params, new_config, calib = _load_and_convert(
         input_path, num_kv_heads, method, seed, calibration)
+    own = os.path.join(resolved, checkpoints.TOKENIZER_FILE)
+    own = own if os.path.isfile(own) else None
+    if own is not None:
+        checkpoints.tokenizer_spec(resolved, meta_in)  # its sha256 matches meta.json's
     provenance = _provenance(resolved, method, seed, meta_in.model_config.num_kv_heads, num_kv_heads)
     provenance.update(calib)
     # What evaluate/train/export look up at the top level stays there: the tokenizer spec, the data
@@ -157,7 +165,7 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int, met
     meta = checkpoints.Meta(model_config=new_config, step=0,
                             source_step=meta_in.step + (meta_in.source_step or 0),
                             provenance=provenance)
-    checkpoints.save(output_path, new_params, meta, overwrite=overwrite)
+    checkpoints.save(output_path, new_params, meta, overwrite=overwrite, tokenizer_file=own)
     return {"input_format": "checkpoint", "output_format": "checkpoint", "input": resolved,
             "method": method, "seed": seed, "source_step": meta.source_step, **calib,
             **_summary_from_config(meta_in.model_config, num_kv_heads)}
@@ -176,59 +184,72 @@ def _hf_to_checkpoint(input_path, output_path, num_kv_heads, method, seed, overw
     provenance = _provenance(input_path, method, seed, config.num_kv_heads, num_kv_heads)
     provenance.update(calib)
     # Kept so that exporting after uptraining restores the original config's other fields
-    # (token ids, rope layout, max_position_embeddings) and can find the tokenizer again.
+    # (token ids, rope layout, max_position_embeddings).
     provenance["hf_config"] = dict(hf_config, num_key_value_heads=num_kv_heads)
-    tok = hf.tokenizer_path(input_path)
-    if tok is not None:  # the tokenizer spec train.py / evaluate.py read: a tokenizer.json path
-        provenance["tokenizer"] = os.path.abspath(tok)
+    # The folder's tokenizer.json is copied into the checkpoint (with its sha256 in meta.json), so
+    # that train / evaluate / export use it after the folder is gone. Without one the checkpoint
+    # records none: using it then needs an explicit tokenizer, never a silent byte-level one.
     meta = checkpoints.Meta(model_config=new_config, step=0, source_step=None,
                             provenance=provenance)
-    checkpoints.save(output_path, new_params, meta, overwrite=overwrite)
+    checkpoints.save(output_path, new_params, meta, overwrite=overwrite,
+                     tokenizer_file=hf.tokenizer_path(input_path))
     return {"input_format": "hf", "output_format": "checkpoint",
             "architecture": hf_config["architectures"][0], "method": method, "seed": seed, **calib,
             **_summary_from_config(config, num_kv_heads)}
 
 
-def _hf_base_config(provenance: dict[str, Any], depth: int = 5) -> dict[str, Any] | None:
-    """The Hugging Face config.json a checkpoint descends from, if it can still be found: its own
-    provenance['hf_config'], else the HF folder or checkpoint its training run started from
-    (train.py's provenance['init']), followed up to `depth` checkpoints back."""
+def _hf_base_config(provenance: dict[str, Any]) -> dict[str, Any] | None:
+    """checkpoints.hf_base_config: the Hugging Face config.json a checkpoint descends from."""
     from gqa_uptrain import checkpoints  # noqa: PLC0415
 
-    if provenance.get("hf_config"):
-        return provenance["hf_config"]
-    init = provenance.get("init") or {}
-    try:
-        if init.get("hf_folder") and os.path.isfile(os.path.join(init["hf_folder"], hf.CONFIG_FILE)):
-            return hf.read_hf_config(init["hf_folder"])
-        if init.get("checkpoint") and depth > 0 and checkpoints.is_checkpoint(init["checkpoint"]):
-            return _hf_base_config(checkpoints.read_meta(init["checkpoint"]).provenance, depth - 1)
-    except ValueError:  # an ancestor that no longer reads: export without a base
-        return None
-    return None
+    return checkpoints.hf_base_config(provenance)
 
 
-def _export_tokenizer(tokenizer: str | None, provenance: dict[str, Any], has_base: bool,
-                      vocab_size: int) -> tuple[str | None, bool, str]:
+def _export_tokenizer(tokenizer: str | None, path: str, meta) -> tuple[str | None, bool, str]:
     """(tokenizer folder or tokenizer.json to copy, write byte-level?, what the summary says).
 
-    In order: --tokenizer; the checkpoint's provenance['tokenizer'] ('byte', or a tokenizer.json
-    path, as train.py records it); else a byte-level tokenizer for a model trained here (no HF
-    ancestor) whose vocabulary is byte-sized (256..512 ids); else none, said plainly.
+    In order: --tokenizer; the checkpoint's own (checkpoints.default_tokenizer: its tokenizer.json,
+    or the recorded 'byte' / tokenizer.json path, or byte-level for a model trained here on bytes);
+    else none, said plainly. The checkpoint's own tokenizer.json ships together with the companion
+    files (tokenizer_config.json, generation_config.json, ...) of the Hugging Face folder it was
+    copied from when that folder still holds the same tokenizer.json (_tokenizer_folder).
     """
+    from gqa_uptrain import checkpoints  # noqa: PLC0415
+
     if tokenizer is not None:
         return tokenizer, False, f"copied from {tokenizer}"
-    spec = provenance.get("tokenizer")
+    spec = checkpoints.default_tokenizer(path, meta)
     if spec == "byte":
         return None, True, "byte-level"
-    if spec:
-        if os.path.isfile(spec):
-            src = os.path.dirname(spec) if os.path.basename(spec) == "tokenizer.json" else spec
-            return src, False, f"copied from {src}"
-        return None, False, f"none: the recorded tokenizer {spec} is gone (pass --tokenizer=FOLDER)"
-    if not has_base and 256 <= vocab_size <= 512:
-        return None, True, "byte-level"
-    return None, False, "none (pass --tokenizer=FOLDER)"
+    if spec is None:
+        recorded = checkpoints.tokenizer_spec(path, meta)
+        if recorded:
+            return None, False, (f"none: the recorded tokenizer {recorded} is gone "
+                                 "(pass --tokenizer=FOLDER)")
+        return None, False, "none (pass --tokenizer=FOLDER)"
+    if spec == os.path.join(path, checkpoints.TOKENIZER_FILE):
+        src = _tokenizer_folder(spec, meta.provenance)
+    else:  # an older checkpoint's recorded path: that folder's tokenizer files
+        src = os.path.dirname(spec) if os.path.basename(spec) == "tokenizer.json" else spec
+    return src, False, f"copied from {src}"
+
+
+def _tokenizer_folder(own: str, provenance: dict[str, Any], depth: int = 5) -> str:
+    """The Hugging Face folder whose tokenizer.json the checkpoint's own copy `own` is, followed
+    through provenance['tokenizer_source'] (checkpoints.save), when it still holds the same bytes;
+    else `own` itself (the tokenizer.json alone)."""
+    from gqa_uptrain import checkpoints  # noqa: PLC0415
+
+    want, source = provenance.get("tokenizer_sha256"), provenance.get("tokenizer_source")
+    for _ in range(depth):
+        if not (want and source and os.path.isfile(source)
+                and checkpoints.file_sha256(source) == want):
+            break
+        folder = os.path.dirname(source)
+        if not checkpoints.is_checkpoint(folder):
+            return folder
+        source = checkpoints.read_meta(folder).provenance.get("tokenizer_source")
+    return own
 
 
 def _checkpoint_to_hf(input_path, output_path, num_kv_heads, method, seed, overwrite, tokenizer,
@@ -240,8 +261,7 @@ def _checkpoint_to_hf(input_path, output_path, num_kv_heads, method, seed, overw
     resolved, meta_in, new_params, new_config, calib = _load_and_convert(
         input_path, num_kv_heads, method, seed, calibration)
     base = _hf_base_config(meta_in.provenance)
-    tokenizer, byte_tokenizer, tokenizer_note = _export_tokenizer(
-        tokenizer, meta_in.provenance, base is not None, new_config.vocab_size)
+    tokenizer, byte_tokenizer, tokenizer_note = _export_tokenizer(tokenizer, resolved, meta_in)
     provenance = _provenance(resolved, method, seed, meta_in.model_config.num_kv_heads,
                              num_kv_heads)
     provenance["source"] = {"step": meta_in.step, "source_step": meta_in.source_step}
@@ -271,24 +291,23 @@ def _hf_tokenizer(folder: str, method: str, calibration: CalibrationOptions | No
     return tok
 
 
-def _checkpoint_tokenizer(meta, method: str, calibration: CalibrationOptions | None) -> str | None:
-    """The tokenizer spec for a checkpoint's calibration rows: --calib_tokenizer, else the one its
-    provenance records ('byte' or a tokenizer.json), else byte-level for a byte-sized vocabulary of
-    a model trained here (as the export's tokenizer rule)."""
+def _checkpoint_tokenizer(path: str, meta, method: str, calibration: CalibrationOptions | None
+                          ) -> str | None:
+    """The tokenizer spec for a checkpoint's calibration rows: --calib_tokenizer, else its own
+    (checkpoints.default_tokenizer, the rule evaluate / train / export use)."""
+    from gqa_uptrain import checkpoints  # noqa: PLC0415
+
     if not merging.parse_method(method).needs_calibration:
         return None
     calibration = calibration or CalibrationOptions()
     if calibration.tokenizer != "auto":
         return calibration.tokenizer
-    spec = meta.provenance.get("tokenizer")
-    if spec == "byte" or (spec and os.path.exists(spec)):
-        return spec
-    if spec:
-        raise ValueError(f"the checkpoint's tokenizer {spec} is gone; pass --calib_tokenizer")
-    if _hf_base_config(meta.provenance) is None and 256 <= meta.model_config.vocab_size <= 512:
-        return "byte"
-    raise ValueError(f"cannot tell which tokenizer the checkpoint uses for --method={method}'s "
-                     "calibration data (pass --calib_tokenizer=byte or a tokenizer.json path)")
+    spec = checkpoints.default_tokenizer(path, meta)
+    if spec is None:
+        raise ValueError(checkpoints.no_tokenizer_message(
+            path, meta, f"--calib_tokenizer=byte or a tokenizer.json path (for --method={method}'s "
+            "calibration data)"))
+    return spec
 
 
 def _convert_params(params, config, num_kv_heads, method, seed, calibration, tokenizer
@@ -353,12 +372,23 @@ def _hf_to_hf_in_memory(input_path, output_path, num_kv_heads, method, seed, ove
             "method": method, "seed": seed, **calib, **_summary_from_config(config, num_kv_heads)}
 
 
-def convert(input_path: str, output_path: str, num_kv_heads: int, method: str = "mean",
+def current_num_kv_heads(input_path: str, input_format: str) -> int:
+    """The input's KV heads, from its config.json or meta.json (no array is read)."""
+    if input_format == "hf":
+        return hf.hf_layout(hf.read_hf_config(input_path)).num_kv_heads
+    from gqa_uptrain import checkpoints  # noqa: PLC0415 (jax: only on this path)
+
+    return checkpoints.read_meta(checkpoints.resolve(input_path)).model_config.num_kv_heads
+
+
+def convert(input_path: str, output_path: str, num_kv_heads: int | None = None,
+            method: str = "mean",
             seed: int = 0, *, output_format: str = "auto", overwrite: bool = False,
             tokenizer: str | None = None,
             calibration: CalibrationOptions | None = None) -> dict[str, Any]:
     """Detects the input's format and converts; returns the summary dict that main() prints.
 
+    num_kv_heads: None keeps the input's current count (nothing pooled: with 'mean' an exact copy).
     method: any of merging.METHODS. The plain pooling methods stream HF -> HF one tensor at a time;
     the others load the whole model (and read `calibration` rows when they need activations).
     """
@@ -366,6 +396,8 @@ def convert(input_path: str, output_path: str, num_kv_heads: int, method: str = 
     if output_format not in ("auto",) + FORMATS:
         raise ValueError(f"output_format={output_format!r} is not one of auto, {', '.join(FORMATS)}")
     input_format = detect_format(input_path)
+    if num_kv_heads is None:
+        num_kv_heads = current_num_kv_heads(input_path, input_format)
     out_format = input_format if output_format == "auto" else output_format
     if tokenizer is not None and out_format != "hf":
         raise ValueError("--tokenizer applies only to a Hugging Face output")
@@ -473,8 +505,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        "objectives.")
     p.add_argument("--input", required=True, help="Hugging Face folder, or checkpoint / workdir")
     p.add_argument("--output", required=True, help="where to write (must not exist)")
-    p.add_argument("--num_kv_heads", type=int, required=True,
-                   help="G: KV heads after conversion; must divide the current number")
+    p.add_argument("--num_kv_heads", type=int, default=None,
+                   help="G: KV heads after conversion; must divide the current number. Default: "
+                        "the input's current count (nothing pooled; an exact copy with mean), "
+                        "e.g. to export a checkpoint to hf as it is")
     p.add_argument("--method", default="mean", choices=merging.METHODS,
                    help="how K/V heads are grouped and merged (see below); default mean")
     p.add_argument("--seed", type=int, default=0,
@@ -493,7 +527,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="'hf' (a Hugging Face folder) or 'checkpoint' (this project's format); "
                         "default auto: the input's format")
     p.add_argument("--tokenizer", default=None,
-                   help="checkpoint -> hf: folder (or tokenizer.json) whose tokenizer to ship")
+                   help="checkpoint -> hf: folder (or tokenizer.json) whose tokenizer to ship; "
+                        "default: the checkpoint's own tokenizer.json (byte-level only for a model "
+                        "trained here on bytes)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return p.parse_args(argv)
 

@@ -128,34 +128,45 @@ def is_hf_folder(path: str) -> bool:
             and not os.path.isdir(os.path.join(path, checkpoints.CHECKPOINTS_DIR)))
 
 
-def model_tokenizer(path: str, provenance: dict[str, Any] | None = None) -> str:
-    """The tokenizer spec that belongs to a model: an HF folder's tokenizer.json, else what the
-    checkpoint's provenance records, else 'byte'."""
+def model_tokenizer(path: str, meta: checkpoints.Meta | None = None, *,
+                    key: str = "--tokenizer=PATH/tokenizer.json") -> str:
+    """The tokenizer spec that belongs to a model: an HF folder's tokenizer.json; a checkpoint's
+    own (checkpoints.default_tokenizer: its tokenizer.json, the recorded 'byte' or path, or
+    byte-level for a model trained here on bytes). Raises DataError naming `key` (the flag or
+    config key to set) when there is none: a model is never given the byte tokenizer silently."""
     if is_hf_folder(path):
         found = hf.tokenizer_path(path)
         if found is None:
-            raise data.DataError(f"{path} has no tokenizer.json; set the tokenizer explicitly")
+            raise data.DataError(f"{path} has no tokenizer.json; set {key}")
         return found
-    provenance = provenance or {}
-    if "tokenizer" in provenance:
-        return provenance["tokenizer"]
-    return "byte"
+    path = checkpoints.resolve(path)
+    meta = meta or checkpoints.read_meta(path)
+    spec = checkpoints.default_tokenizer(path, meta)
+    if spec is None:
+        raise data.DataError(checkpoints.no_tokenizer_message(path, meta, key))
+    return spec
 
 
-def load_model(path: str) -> tuple[dict[str, Any], ModelConfig, dict[str, Any]]:
+def load_model(path: str, tokenizer: str = "") -> tuple[dict[str, Any], ModelConfig, dict[str, Any]]:
     """(params (host or device arrays), ModelConfig, info) of a project checkpoint/workdir or an
-    HF folder. info: {'kind', 'path', 'tokenizer', 'data' (a DataSpec dict or None), 'step'}."""
+    HF folder. info: {'kind', 'path', 'tokenizer', 'data' (a DataSpec dict or None), 'step'};
+    info['tokenizer'] is `tokenizer` when given ('byte' or a tokenizer.json path), else the
+    model's own (model_tokenizer), looked up before any array is read."""
+    if tokenizer and tokenizer != "byte":
+        tokenizer = os.path.abspath(tokenizer)
     if is_hf_folder(path):
+        tokenizer = tokenizer or model_tokenizer(path)
         params, config = hf.load_hf_model(path)
         return params, config, {"kind": "hf", "path": os.path.abspath(path),
-                                "tokenizer": model_tokenizer(path), "data": None, "step": None}
+                                "tokenizer": tokenizer, "data": None, "step": None}
     resolved = checkpoints.resolve(path)
+    meta = checkpoints.read_meta(resolved)
+    tokenizer = tokenizer or model_tokenizer(resolved, meta)
     params, meta, _ = checkpoints.restore(resolved)
     provenance = meta.provenance or {}
     return params, meta.model_config, {
-        "kind": "checkpoint", "path": os.path.abspath(resolved),
-        "tokenizer": model_tokenizer(resolved, provenance), "data": provenance.get("data"),
-        "step": meta.step}
+        "kind": "checkpoint", "path": os.path.abspath(resolved), "tokenizer": tokenizer,
+        "data": provenance.get("data"), "step": meta.step}
 
 
 def default_data_spec(tokenizer: str, seq_len: int) -> data.DataSpec:
@@ -167,9 +178,10 @@ def default_data_spec(tokenizer: str, seq_len: int) -> data.DataSpec:
 
 def evaluate_model(path: str, *, text_file: str = "", seq_len: int = 0, batch_size: int = 8,
                    max_batches: int = -1, implementation: str = "auto",
-                   cache_dir: str = "") -> dict[str, Any]:
-    """Loss / perplexity / tokens of the model at `path` on text_file or its validation split."""
-    params, config, info = load_model(path)
+                   cache_dir: str = "", tokenizer: str = "") -> dict[str, Any]:
+    """Loss / perplexity / tokens of the model at `path` on text_file or its validation split.
+    tokenizer: 'byte' or a tokenizer.json path; default the model's own (model_tokenizer)."""
+    params, config, info = load_model(path, tokenizer)
     tokenizer = data.load_tokenizer(info["tokenizer"])
     if tokenizer.vocab_size > config.vocab_size:
         raise data.DataError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids; the "
@@ -196,22 +208,25 @@ def evaluate_model(path: str, *, text_file: str = "", seq_len: int = 0, batch_si
 def main(argv):
     from absl import flags, logging  # noqa: PLC0415
 
+    from gqa_uptrain import cli  # noqa: PLC0415
+
     del argv
     f = flags.FLAGS
     logging.set_verbosity(logging.WARNING)
     try:
         result = evaluate_model(f.checkpoint, text_file=f.text_file, seq_len=f.seq_len,
                                 batch_size=f.batch_size, max_batches=f.max_batches,
-                                implementation=f.implementation)
+                                implementation=f.implementation, tokenizer=f.tokenizer)
     except (ValueError, OSError) as e:  # CheckpointError and DataError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(e)
     print(f"{result['text']}: {result['tokens']} tokens, windows of {result['seq_len']}")
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from gqa_uptrain import cli
 
     flags.DEFINE_string("checkpoint", None, "checkpoint, workdir, or Hugging Face folder",
                         required=True)
@@ -220,7 +235,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("seq_len", 0, "predicted tokens per window (0: the run's training "
                          f"seq_len, or {DEFAULT_SEQ_LEN} for a Hugging Face folder)")
     flags.DEFINE_integer("batch_size", 8, "windows per forward pass")
+    flags.DEFINE_string("tokenizer", "", "'byte' or a tokenizer.json path (default: the model's own)")
     flags.DEFINE_integer("max_batches", -1, "score only the first N batches (-1: all)")
     flags.DEFINE_enum("implementation", "auto", ["auto", "reference", "xla", "einsum_vjp"],
-                      "attention")
-    app.run(main)
+                      "attention implementation (attention.py)")
+    cli.run(main, description=__doc__.split("\n\n")[0])

@@ -53,6 +53,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import struct
 import tempfile
 from typing import TYPE_CHECKING, Any, Iterator
@@ -401,11 +402,60 @@ def check_output_path(input_path: str, output_path: str, overwrite: bool) -> Non
                              "replacing it would delete the input")
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where /proc allows (os.umask only sets)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temp_prefix(name: str) -> str:
+    """atomic_folder's temporary name for `name`: the owner's host and pid are in it, so that a
+    later run can tell a dead conversion's leftover from a live one's (_remove_stale_temps)."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+    return f".{name}.tmp-{host}-{os.getpid()}-"
+
+
+def _remove_stale_temps(parent: str, name: str) -> list[str]:
+    """Deletes the temporary folders that atomic_folder runs for `name` left in `parent` when they
+    were killed (kill -9, power loss): only names of _temp_prefix's form, only of this host, only
+    when that pid is no longer alive. Anything else (other names, other hosts, live pids, the
+    mkdtemp names of older versions) is left alone. Returns the removed paths."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+    pattern = re.compile(re.escape(f".{name}.tmp-{host}-") + r"(\d+)-[A-Za-z0-9_]+")
+    removed = []
+    for entry in os.listdir(parent):
+        m = pattern.fullmatch(entry)
+        path = os.path.join(parent, entry)
+        if m is None or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        pid = int(m.group(1))
+        try:
+            os.kill(pid, 0)
+            continue  # alive (a concurrent conversion to the same destination)
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):  # alive under another user / not a pid
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_folder(output: str, overwrite: bool = False) -> Iterator[str]:
     """Yields a fresh temporary folder beside `output`; on success it is renamed to `output`
     (replacing an existing one only with `overwrite`), on any error it is deleted, together with
-    any parent folders this created."""
+    any parent folders this created. The folder gets the mode save_pretrained's would have
+    (0o777 & ~umask), not mkdtemp's 0o700. Temporary folders for the same `output` left by killed
+    runs are removed first (_remove_stale_temps)."""
     output = os.path.abspath(output)
     parent, name = os.path.split(output)
     created = parent
@@ -413,8 +463,10 @@ def atomic_folder(output: str, overwrite: bool = False) -> Iterator[str]:
         created = os.path.dirname(created)
     created = None if os.path.exists(parent) else created
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    _remove_stale_temps(parent, name)
+    tmp = tempfile.mkdtemp(prefix=_temp_prefix(name), dir=parent)
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         if os.path.lexists(output):
             if not overwrite:

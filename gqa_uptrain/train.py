@@ -249,19 +249,24 @@ def _load_init_checkpoint(config) -> tuple[dict[str, Any], ModelConfig, dict[str
     path = config.init_checkpoint
     if not os.path.exists(path):
         raise TrainError(f"config.init_checkpoint={path!r} does not exist")
+    # data.tokenizer='auto': the source's own tokenizer (evaluate.model_tokenizer), looked up
+    # before any array is read; none (no tokenizer.json, not a byte-level model trained here) is an
+    # error naming the key to set, never a silent byte-level tokenizer.
+    key = "--config.data.tokenizer=PATH/tokenizer.json"
+    auto = config.data.tokenizer == "auto"
     if evaluate.is_hf_folder(path):
+        tokenizer = evaluate.model_tokenizer(path, key=key) if auto else None
         params, model_config = hf.load_hf_model(path)
         source_step, init = None, {"hf_folder": os.path.abspath(path)}
-        tokenizer = evaluate.model_tokenizer(path) if config.data.tokenizer == "auto" else None
     else:
         resolved = checkpoints.resolve(path)
+        meta = checkpoints.read_meta(resolved)
+        tokenizer = evaluate.model_tokenizer(resolved, meta, key=key) if auto else None
         params, meta, _ = checkpoints.restore(resolved)
         params = {k: np.asarray(v) for k, v in params.items()}
         model_config = meta.model_config
         source_step = _source_steps(meta)
         init = {"checkpoint": os.path.abspath(resolved), "checkpoint_step": meta.step}
-        tokenizer = (evaluate.model_tokenizer(resolved, meta.provenance)
-                     if config.data.tokenizer == "auto" else None)
     if config.num_kv_heads != -1:  # also when equal: method='random' then re-draws K/V
         before = model_config.num_kv_heads
         params, model_config = pooling.convert_params(
@@ -300,8 +305,8 @@ def _new_run(config) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     else:
         raise TrainError(f"config.num_steps={config.num_steps} must be > 0 or -1")
     tokenizer = config.data.tokenizer
-    if tokenizer == "auto":
-        tokenizer = info["auto_tokenizer"] or "byte"
+    if tokenizer == "auto":  # an init's own (_load_init_checkpoint); scratch trains on bytes
+        tokenizer = info["auto_tokenizer"] if config.init_checkpoint else "byte"
     elif tokenizer != "byte":
         tokenizer = os.path.abspath(tokenizer)
     run = {"num_steps": num_steps, "source_step": info["source_step"], "init": info["init"],
@@ -468,7 +473,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         "data": spec.to_dict(), "tokens_per_step": tokens_per_step,
                         "data_manifest_sha256": {k: m["sha256"] for k, m in manifests.items()},
                         "config": _config_dict(config)})
-        checkpoints.save_step(workdir, params, meta, opt_state, keep=config.keep_checkpoints)
+        # A tokenizer.json run: every checkpoint carries a copy (self-contained; checkpoints.save).
+        tok = run["tokenizer"]
+        tok_file = (None if tok == "byte" else os.path.join(tok, checkpoints.TOKENIZER_FILE)
+                    if os.path.isdir(tok) else tok)
+        checkpoints.save_step(workdir, params, meta, opt_state, keep=config.keep_checkpoints,
+                              tokenizer_file=tok_file)
 
     # --- SIGTERM: finish the current step, save, exit cleanly.
     stop = {"requested": False}

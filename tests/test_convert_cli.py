@@ -146,10 +146,13 @@ def test_hf_to_checkpoint_and_back(hf_src, tmp_path):
                 "initializer_range", "num_key_value_heads", "architectures"):
         assert exported[key] == streamed[key], key
     assert os.path.isfile(back / "tokenizer.json")
-    # checkpoint -> checkpoint keeps the tokenizer spec and the HF config at the top level.
+    # checkpoint -> checkpoint carries the tokenizer.json copy and keeps the HF config at the top
+    # level.
     convert.convert_checkpoint(str(ck), str(tmp_path / "ck1"), 1)
     prov = checkpoints.read_meta(str(tmp_path / "ck1")).provenance
-    assert prov["tokenizer"] == os.path.join(hf_src, "tokenizer.json")
+    assert prov["tokenizer"] == "tokenizer.json"
+    assert prov["tokenizer_source"] == os.path.join(hf_src, "tokenizer.json")
+    assert checkpoints.tokenizer_spec(str(tmp_path / "ck1")) == str(tmp_path / "ck1" / "tokenizer.json")
     assert prov["hf_config"]["num_key_value_heads"] == 1
 
 
@@ -414,3 +417,103 @@ def test_streaming_peak_rss_is_bounded(tmp_path):
     # pytest keeps the last runs' temporary folders: do not leave ~700 MB behind in each.
     shutil.rmtree(src)
     shutil.rmtree(tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- rough edges
+
+def test_num_kv_heads_defaults_to_the_current_count(ckpt, hf_src, tmp_path):
+    """Without --num_kv_heads nothing is pooled: checkpoint -> hf exports the params as they are,
+    hf -> hf copies the tensors."""
+    summary = convert.convert(ckpt["path"], str(tmp_path / "hf"), output_format="hf")
+    assert (summary["num_kv_heads_before"], summary["num_kv_heads_after"]) == (4, 4)
+    params, config = hf.load_hf_model(str(tmp_path / "hf"))
+    assert config == CONFIG
+    for name, value in ckpt["params"].items():
+        np.testing.assert_array_equal(params[name], value)
+    result = run_cli(f"--input={hf_src}", f"--output={tmp_path / 'copy'}")
+    assert result.returncode == 0, result.stderr
+    assert "KV heads: 4 -> 4" in result.stdout
+    assert read_safetensors_folder(tmp_path / "copy") == read_safetensors_folder(hf_src)
+
+
+def test_every_flag_has_help(monkeypatch):
+    captured = {}
+    monkeypatch.setattr(convert._Parser, "parse_args",
+                        lambda self, argv=None: captured.setdefault("parser", self))
+    convert.parse_args([])
+    actions = [a for a in captured["parser"]._actions if a.dest != "help"]
+    assert len(actions) >= 12
+    assert [a.option_strings for a in actions if not a.help] == []
+    num_kv = next(a for a in actions if a.dest == "num_kv_heads")
+    assert num_kv.default is None and not num_kv.required and "current count" in num_kv.help
+
+
+def test_output_folders_respect_the_umask(hf_src, tmp_path):
+    old = os.umask(0o027)
+    try:
+        hf.convert_hf_folder(hf_src, str(tmp_path / "hf"), 2)
+        convert.convert(hf_src, str(tmp_path / "ck"), 2, output_format="checkpoint")
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "hf").st_mode & 0o777) == oct(0o750)
+    assert oct(os.stat(tmp_path / "ck").st_mode & 0o777) == oct(0o750)
+    assert oct(os.stat(tmp_path / "ck" / "params").st_mode & 0o777) == oct(0o750)
+
+
+# Runs the converter's CLI, but stops for good right after the first shard is written (inside the
+# temporary folder), having said so in READY: a deterministic point at which to kill -9 it.
+_PAUSED = textwrap.dedent("""
+    import runpy, sys, time
+    from gqa_uptrain import hf
+    ready, argv = sys.argv[1], sys.argv[2:]
+    verify = hf.verify_safetensors
+
+    def pause(path, entries):
+        verify(path, entries)
+        with open(ready, "w") as f:
+            f.write(path)
+        time.sleep(600)
+
+    hf.verify_safetensors = pause
+    sys.argv = ["gqa_uptrain.convert"] + argv
+    runpy.run_module("gqa_uptrain.convert", run_name="__main__")
+""")
+
+
+def test_killed_conversion_leaves_no_temporary_for_the_next_run(hf_src, tmp_path):
+    import re
+    import signal
+    import socket
+    import time
+
+    root = tmp_path / "root"
+    root.mkdir()
+    out, ready = root / "out", tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED, str(ready), f"--input={hf_src}",
+                             f"--output={out}", "--num_kv_heads=2"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    shard = ready.read_text()
+    temp = os.path.basename(os.path.dirname(shard))
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
+    assert temp.startswith(f".out.tmp-{host}-{proc.pid}-") and os.path.isfile(shard)
+    assert os.listdir(root) == [temp]  # what kill -9 leaves behind
+    # Beside it, what the next run must leave alone: a live conversion's temporary (this pid),
+    # another destination's dead one, an unrelated hidden folder, an old-style name.
+    keep = [f".out.tmp-{host}-{os.getpid()}-abcd1234", f".other.tmp-{host}-{proc.pid}-abcd1234",
+            ".out.unrelated", ".out.tmp-abcd1234", f".out.tmp-otherhost-{proc.pid}-abcd1234"]
+    for name in keep:
+        (root / name).mkdir()
+        (root / name / "f").write_text("x")
+    result = run_cli(f"--input={hf_src}", f"--output={out}", "--num_kv_heads=2")
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(root)) == sorted(keep + ["out"])
+    assert all((root / name / "f").read_text() == "x" for name in keep)
