@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 
@@ -14,7 +15,17 @@ def parse_config_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
     for token in filter(None, (arg or "").split(",")):
         key, _, value = token.partition("=")
         if key not in defaults:
-            raise ValueError(f"unknown config argument {key!r} (known: {sorted(defaults)})")
+            near = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ValueError(f"unknown config argument {key!r}{hint} "
+                             f"(known: {', '.join(sorted(defaults))})")
         kind = type(defaults[key])
-        out[key] = (value in ("", "1", "true", "True")) if kind is bool else kind(value)
+        if kind is bool:
+            out[key] = value in ("", "1", "true", "True")
+            continue
+        try:
+            out[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"config argument {key}={value!r} is not a valid {kind.__name__}"
+                             ) from None
     return out

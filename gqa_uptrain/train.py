@@ -19,8 +19,17 @@ between steps, so a run killed at any moment and rerun with the same command end
 one never interrupted (tests/test_resume.py). Metrics of a step are written before its checkpoint,
 and on resume metrics.jsonl is cut back to the restored step, so no step appears twice.
 Faults: a non-finite loss, gradient norm or parameter norm stops the run with an error naming the
-step (nothing is saved after it); SIGTERM saves a checkpoint at the current step and exits with
-status 0.
+step (nothing is saved after it). SIGTERM or SIGINT (Ctrl-C, to the process or to its process group)
+lets the current step finish, saves a checkpoint at it and exits with one line: status 0 for
+SIGTERM, 130 for SIGINT; a second SIGINT aborts at once (status 130, nothing saved since the last
+checkpoint). A signal before the run's first step stops it with nothing to save.
+
+Resume with a changed config: keys that only change cadence and output (RESUMABLE_CHANGES) are
+accepted and recorded in WORKDIR/config_changes.jsonl; num_steps (or alpha, when num_steps is -1)
+may change only when the learning rate of every step already taken stays the same under the new
+value (a 'constant' schedule, or 'wsd' whose decay had not begun), so the resumed run is exactly
+the run that the new value would have made from the start; any other change is refused, naming
+the keys.
 
 Step numbering: step s means s optimizer updates done; the update from s to s+1 trains on batch s.
 Metrics at step s: train/* of the update that produced step s, val/* of the params at step s.
@@ -45,16 +54,22 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from gqa_uptrain import checkpoints, data, evaluate, hf, optim, pooling, sharding
+from gqa_uptrain import checkpoints, config_keys, data, evaluate, hf, optim, pooling, sharding
 from gqa_uptrain.model import ModelConfig, Transformer, abstract_params, get_params
 
 CONFIG_FILE = "train_config.json"  # not config.json: that name marks a Hugging Face folder
 RUN_FILE = "run.json"
 MANIFEST_FILE = "data_manifest.json"
 METRICS_FILE = "metrics.jsonl"
+CHANGES_FILE = "config_changes.jsonl"  # accepted config changes on resume, one JSON line each
 TB_DIR = "tensorboard"
-# Config keys that may change between a run and its resume: they do not change what is computed.
-RESUMABLE_CHANGES = ("mesh", "progress_bar")
+# Config keys (and sub-configs) that may change between a run and its resume: they change the
+# cadence or the output of a run, or where it runs, never what the params become.
+RESUMABLE_CHANGES = ("mesh", "progress_bar", "log_every", "eval_every", "checkpoint_every",
+                     "keep_checkpoints")
+# Keys that set the run's length: accepted under the schedule rule (module docstring).
+LENGTH_KEYS = ("num_steps", "alpha")
+SIGINT_EXIT = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 
 
 class TrainError(ValueError):
@@ -213,23 +228,77 @@ def _flat_items(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _check_workdir_config(config, workdir: str, resuming: bool) -> None:
-    """Saves train_config.json for a fresh run; when resuming, the configs must agree. (A workdir
-    without checkpoints holds nothing to resume: a new run there starts over.)"""
+def _config_diff(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved, now)} of the keys whose values differ."""
+    a, b = _flat_items(saved), _flat_items(now)
+    return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)}
+
+
+def _make_schedule(config, num_steps: int):
+    o = config.optimizer
+    return optim.make_schedule(o.schedule, peak_lr=o.learning_rate,
+                               warmup_steps=min(o.warmup_steps, num_steps),
+                               total_steps=num_steps, decay_fraction=o.decay_fraction,
+                               min_lr_ratio=o.min_lr_ratio)
+
+
+def _num_steps(config, source_step: int | None, where: str) -> int:
+    """The run's length from config.num_steps (> 0), or alpha x source_step when it is -1."""
+    if config.num_steps > 0:
+        return config.num_steps
+    if config.num_steps != -1:
+        raise TrainError(f"config.num_steps={config.num_steps} must be > 0 or -1")
+    if source_step is None:
+        raise TrainError(f"config.num_steps=-1 means alpha x the source run's steps, but {where} "
+                         "records no steps; set config.num_steps")
+    if config.alpha <= 0:
+        raise TrainError(f"config.num_steps=-1 needs config.alpha > 0, got {config.alpha}")
+    return max(1, round(config.alpha * source_step))
+
+
+def _check_resume_config(config, workdir: str, run: dict[str, Any], step: int) -> dict[str, Any]:
+    """Compares the command's config with the run's saved one when resuming at `step` (module
+    docstring: what may change). Returns the run info, with num_steps updated when it changed."""
     path = os.path.join(workdir, CONFIG_FILE)
+    with open(path) as f:
+        saved = json.load(f)
     current = _config_dict(config)
-    if resuming:
-        with open(path) as f:
-            saved = _flat_items(json.load(f))
-        now = _flat_items(current)
-        diff = {k: (saved.get(k, "<absent>"), now.get(k, "<absent>"))
-                for k in sorted(set(saved) | set(now))
-                if saved.get(k) != now.get(k) and k.split(".")[0] not in RESUMABLE_CHANGES}
-        if diff:
-            raise TrainError(f"{workdir} holds a run with a different config (key: (saved, now)) "
-                             f"{diff}; use a new --workdir or the saved config")
-    elif _is_main():
+    diff = _config_diff(saved, current)
+    refused = {k: v for k, v in diff.items()
+               if k.split(".")[0] not in RESUMABLE_CHANGES + LENGTH_KEYS}
+    if refused:
+        raise TrainError(f"{workdir} holds a run with a different config (key: (saved, now)) "
+                         f"{refused}; only {', '.join(RESUMABLE_CHANGES)} may change on resume "
+                         f"(num_steps under the schedule rule); use a new --workdir or the saved "
+                         "config")
+    if not diff:
+        return run
+    new_steps = _num_steps(config, run["source_step"], "the init checkpoint")
+    if new_steps != run["num_steps"]:
+        if new_steps < step:
+            raise TrainError(f"num_steps {run['num_steps']} -> {new_steps}: the run is already at "
+                             f"step {step}")
+        taken = jnp.arange(step)
+        before = np.asarray(_make_schedule(config, run["num_steps"])(taken))
+        after = np.asarray(_make_schedule(config, new_steps)(taken))
+        if not np.array_equal(before, after):
+            changed = int(np.flatnonzero(before != after)[0])
+            raise TrainError(
+                f"num_steps {run['num_steps']} -> {new_steps} changes the learning rate of steps "
+                f"already taken (the {config.optimizer.schedule} schedule at step {changed}: "
+                f"{before[changed]:.6g} -> {after[changed]:.6g}), so the run would be neither "
+                f"the old one nor the new one; use a new --workdir (or a 'constant' or 'wsd' "
+                "schedule, which can be extended before its decay starts)")
+        run = dict(run, num_steps=new_steps)
+    if _is_main():
+        record = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "changes": {k: list(v) for k, v in diff.items()}}
+        with open(os.path.join(workdir, CHANGES_FILE), "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
         _write_json_atomic(path, current)
+        _write_json_atomic(os.path.join(workdir, RUN_FILE), run)
+    return run
 
 
 def _data_spec(config, workdir: str) -> data.DataSpec:
@@ -292,18 +361,8 @@ def _new_run(config) -> tuple[dict[str, Any] | None, dict[str, Any]]:
             model_config = model_config.replace(num_kv_heads=config.num_kv_heads)
         params, info = None, {"init": {"scratch_seed": config.seed}, "source_step": None,
                               "auto_tokenizer": None}
-    if config.num_steps > 0:
-        num_steps = config.num_steps
-    elif config.num_steps == -1:
-        if info["source_step"] is None:
-            raise TrainError("config.num_steps=-1 means alpha x the source run's steps, but "
-                             f"{config.init_checkpoint or 'scratch training'} records no steps; "
-                             "set config.num_steps")
-        if config.alpha <= 0:
-            raise TrainError(f"config.num_steps=-1 needs config.alpha > 0, got {config.alpha}")
-        num_steps = max(1, round(config.alpha * info["source_step"]))
-    else:
-        raise TrainError(f"config.num_steps={config.num_steps} must be > 0 or -1")
+    num_steps = _num_steps(config, info["source_step"],
+                           config.init_checkpoint or "scratch training")
     tokenizer = config.data.tokenizer
     if tokenizer == "auto":  # an init's own (_load_init_checkpoint); scratch trains on bytes
         tokenizer = info["auto_tokenizer"] if config.init_checkpoint else "byte"
@@ -351,23 +410,70 @@ def _check_finite(step: int, step_metrics: dict[str, jax.Array], workdir: str
     return values
 
 
+class StopSignals:
+    """SIGTERM and SIGINT ask the run to stop after the current step (module docstring); a second
+    SIGINT exits at once. Installed for the whole run, set-up included, so a Ctrl-C while data is
+    tokenized or the step compiles never raises KeyboardInterrupt inside jax (seen: a traceback, or
+    a segmentation fault when the signal reached the process group while steps were running)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None  # 'SIGTERM' | 'SIGINT'
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == "SIGINT":
+            os.write(2, b"error: second SIGINT: aborted at once; nothing saved since the last "
+                        b"checkpoint\n")
+            os._exit(SIGINT_EXIT)  # no interpreter teardown while XLA threads are running
+        self.received = self.received or signal.Signals(signum).name
+
+    def __enter__(self) -> "StopSignals":
+        # Handlers can only be installed from the main thread (tests may train in others).
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.received:  # stopping: a Ctrl-C until the process exits still aborts at once
+            return
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def sync(self) -> None:
+        """A signal to any process stops them all (each process sees the first one received)."""
+        if jax.process_count() > 1:
+            names = ("", "SIGTERM", "SIGINT")
+            codes = multihost_utils.process_allgather(np.array(names.index(self.received or "")))
+            if not self.received and codes.max() > 0:
+                self.received = names[int(codes[codes > 0][0])]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) the training described by `config` in `workdir`; returns the final
-    metrics record ({} when the run was stopped by SIGTERM)."""
+    metrics record, or {'stopped_by': 'SIGTERM' | 'SIGINT', 'step': s} when a signal stopped it
+    (after saving step s)."""
+    with StopSignals() as stop:
+        return _train_and_evaluate(config, workdir, stop)
+
+
+def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, Any]:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     # --- initialisation order: resume > init_checkpoint > scratch (module docstring).
     latest = checkpoints.latest_checkpoint(workdir)
-    _check_workdir_config(config, workdir, resuming=latest is not None)
-    _sync("config")
     run_path = os.path.join(workdir, RUN_FILE)
     if latest is not None:
         with open(run_path) as f:
             run = json.load(f)
+        run = _check_resume_config(config, workdir, run, int(os.path.basename(latest)))
         host_params = None
     else:
+        # A workdir without checkpoints holds nothing to resume: a new run there starts over.
         host_params, run = _new_run(config)
         if _is_main():
+            _write_json_atomic(os.path.join(workdir, CONFIG_FILE), _config_dict(config))
             _write_json_atomic(run_path, run)
     _sync("run")
     model_config = ModelConfig.from_dict(run["model_config"])
@@ -397,10 +503,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise TrainError(f"micro-batch {micro} (batch_size / grad_accum_steps) is not divisible "
                          f"by the data x fsdp mesh size {sharding.batch_divisor(mesh)}")
     o = config.optimizer
-    schedule = optim.make_schedule(o.schedule, peak_lr=o.learning_rate,
-                                   warmup_steps=min(o.warmup_steps, num_steps),
-                                   total_steps=num_steps, decay_fraction=o.decay_fraction,
-                                   min_lr_ratio=o.min_lr_ratio)
+    schedule = _make_schedule(config, num_steps)
     shapes = abstract_params(model_config)
     tx = optim.make_optimizer(schedule, shapes, b1=o.b1, b2=o.b2, eps=o.eps,
                               weight_decay=o.weight_decay, clip_norm=o.clip_norm)
@@ -480,16 +583,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpoints.save_step(workdir, params, meta, opt_state, keep=config.keep_checkpoints,
                               tokenizer_file=tok_file)
 
-    # --- SIGTERM: finish the current step, save, exit cleanly.
-    stop = {"requested": False}
-
-    def on_sigterm(signum, frame):
-        stop["requested"] = True
-
-    # Signal handlers can only be installed from the main thread (tests may call from others).
-    previous_handler = (signal.signal(signal.SIGTERM, on_sigterm)
-                        if threading.current_thread() is threading.main_thread() else None)
-
     metrics = MetricsLog(workdir, start_step, resumed=latest is not None)
     bar = tqdm(total=num_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (config.progress_bar and _is_main()))
@@ -503,21 +596,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             pending = None  # (step, metrics arrays) not yet checked for NaN: checked one step late
             last_log = (start_step, time.perf_counter())
             for step in range(start_step, num_steps):
+                if step == start_step:
+                    stop.sync()
+                if stop.received:  # before this run's first step (set-up, compilation)
+                    _log(f"{stop.received}: stopped before step {step + 1} of {num_steps}; no "
+                         "step was taken, nothing to save")
+                    final = {"stopped_by": stop.received, "step": step}
+                    break
                 batch = make_batch(step)
                 params, opt_state, step_metrics = train_step(params, opt_state, batch)
                 s = step + 1
                 if pending is not None:  # the previous step's, while this one runs
                     _check_finite(*pending, workdir)
                 pending = (s, step_metrics)
-                if jax.process_count() > 1:  # a signal to any process stops them all
-                    stop["requested"] = bool(multihost_utils.process_allgather(
-                        np.array(stop["requested"])).any())
+                stop.sync()
                 is_last = s == num_steps
                 do_log = s % config.log_every == 0 or is_last
                 periodic_eval = config.eval_every > 0 and s % config.eval_every == 0
                 final_eval = is_last and config.final_eval_batches != 0
                 do_eval = periodic_eval or final_eval
-                do_save = (is_last or stop["requested"] or
+                do_save = (is_last or stop.received is not None or
                            (config.checkpoint_every > 0 and s % config.checkpoint_every == 0))
                 record: dict[str, Any] = {}
                 if do_log or do_eval or do_save:
@@ -551,11 +649,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     last_log = (s, time.perf_counter())  # tokens/s counts training time only
                 if do_eval and "val/loss" in record:
                     _log(f"step {s}: train loss {record.get('train/loss', float('nan')):.4f}, "
-                         f"val loss {record['val/loss']:.4f}")
+                         f"val loss {record['val/loss']:.4f} ({record['val/tokens']:,} tokens)")
                 if is_last:
                     final = {"step": s, **record}
-                if stop["requested"] and not is_last:
-                    _log(f"SIGTERM: saved a checkpoint at step {s} of {num_steps}; exiting")
+                if stop.received and not is_last:
+                    _log(f"{stop.received}: saved a checkpoint at step {s} of {num_steps}; "
+                         "rerun the same command to resume")
+                    final = {"stopped_by": stop.received, "step": s}
                     break
             else:
                 if start_step >= num_steps:
@@ -563,12 +663,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     finally:
         bar.close()
         metrics.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
     if "val/unigram_entropy" in final:
-        _log(f"final validation loss {final['val/loss']:.4f} nats/token "
-             f"(perplexity {final['val/perplexity']:.3f}); unigram entropy of the validation "
-             f"text {final['val/unigram_entropy']:.4f} nats/token; ratio "
+        # Say how much was scored: a few batches (final_eval_batches) can differ from
+        # `evaluate`'s whole split by more than the gaps a reader compares.
+        split_tokens = int(evaluate.scored_tokens(val_stream, seq_len).size)
+        _log(f"final validation loss {final['val/loss']:.4f} nats/token on "
+             f"{final['val/tokens']:,} of the validation split's {split_tokens:,} tokens "
+             f"(perplexity {final['val/perplexity']:.3f}); unigram entropy of those tokens "
+             f"{final['val/unigram_entropy']:.4f} nats/token; ratio "
              f"{final['val/loss'] / final['val/unigram_entropy']:.3f}")
     return final
 
@@ -579,8 +681,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def main(argv):
     from absl import flags, logging  # noqa: PLC0415
 
+    from gqa_uptrain import cli  # noqa: PLC0415
+
     del argv
     f = flags.FLAGS
+    if f.print_config:
+        try:
+            print(config_keys.describe(f.config))
+        except ValueError as e:
+            cli.fail(e)
+        return
+    if not f.workdir:
+        cli.fail("--workdir is required (the run's directory: checkpoints, metrics)",
+                 cli.USAGE_EXIT)
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if f.coordinator_address:
         jax.distributed.initialize(coordinator_address=f.coordinator_address,
@@ -589,28 +702,35 @@ def main(argv):
     elif f.jax_distributed:
         jax.distributed.initialize()  # cluster auto-detection (TPU pods, SLURM, ...)
     try:
-        train_and_evaluate(f.config, f.workdir)
+        final = train_and_evaluate(f.config, f.workdir)
     except (ValueError, OSError, FloatingPointError) as e:  # incl. TrainError, CheckpointError
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(e)
+    if final.get("stopped_by") == "SIGINT":
+        sys.exit(SIGINT_EXIT)
 
 
 if __name__ == "__main__":
     from gqa_uptrain import hostmem
 
     hostmem.reexec_with_tuned_malloc()  # XLA's per-step page faults (hostmem.py)
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/pretrain.py:smoke",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)", required=True)
+    from gqa_uptrain import cli
+
+    config_flags.DEFINE_config_file(
+        "config", None, "config file and its argument, e.g. configs/pretrain.py:smoke; override "
+        "any key with --config.KEY=VALUE (listed below)", lock_config=True)
+    flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, TensorBoard "
+                        "events); rerunning with the same one resumes")
+    flags.DEFINE_bool("print_config", False, "print the resolved config, one described key a "
+                      "line, and exit without training")
     flags.DEFINE_bool("jax_distributed", False, "call jax.distributed.initialize() with the "
                       "cluster's auto-detection (multi-host pods)")
-    flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (explicit multi-process "
-                        "set-up, e.g. on one machine)")
-    flags.DEFINE_integer("num_processes", 1, "with --coordinator_address")
-    flags.DEFINE_integer("process_id", 0, "with --coordinator_address")
+    flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (explicit "
+                        "multi-process set-up, e.g. on one machine)")
+    flags.DEFINE_integer("num_processes", 1, "number of processes, with --coordinator_address")
+    flags.DEFINE_integer("process_id", 0, "this process's index, with --coordinator_address")
     flags.DEFINE_integer("distributed_timeout", 300, "seconds to wait for all processes")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main, description=__doc__.split("\n\n")[0], config_flag="config")
