@@ -1033,10 +1033,12 @@ def export_hf(params: dict[str, Any], config: "ModelConfig", out_folder: str, *,
 
     tokenizer_folder: copy its tokenizer (and generation_config.json) files. Otherwise a byte-level
     tokenizer.json is written when byte_tokenizer is True, or when it is None, there is no
-    base_hf_config (i.e. a model trained here, on bytes) and vocab_size >= 256. Shards of at most
+    base_hf_config and vocab_size is byte-sized (checkpoints.BYTE_VOCAB_SIZES, 256..512: a model
+    trained here, on bytes; the rule of checkpoints.default_tokenizer). Shards of at most
     max_shard_bytes (one tensor may exceed it) with model.safetensors.index.json when more than one.
     Written to a temporary folder beside out_folder and renamed when complete.
     """
+    from gqa_uptrain.checkpoints import BYTE_VOCAB_SIZES  # noqa: PLC0415
     from gqa_uptrain.model import abstract_params, check_params_match  # noqa: PLC0415
 
     hf_config = hf_config_from_model_config(config, base=base_hf_config)
@@ -1045,7 +1047,7 @@ def export_hf(params: dict[str, Any], config: "ModelConfig", out_folder: str, *,
         raise ValueError(f"output {out_folder} already exists (pass --overwrite to replace it)")
     if byte_tokenizer is None:
         byte_tokenizer = (tokenizer_folder is None and base_hf_config is None
-                          and config.vocab_size >= 256)
+                          and config.vocab_size in BYTE_VOCAB_SIZES)
     if byte_tokenizer and config.vocab_size < 256:
         raise ValueError(f"vocab_size={config.vocab_size} < 256: no byte-level tokenizer fits")
     names = sorted((_hf_name(n) for n in params), key=_natural_key)
