@@ -460,7 +460,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, Any]:
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
     # --- initialisation order: resume > init_checkpoint > scratch (module docstring).
     latest = checkpoints.latest_checkpoint(workdir)
     run_path = os.path.join(workdir, RUN_FILE)
@@ -472,7 +471,8 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
     else:
         # A workdir without checkpoints holds nothing to resume: a new run there starts over.
         host_params, run = _new_run(config)
-        if _is_main():
+        if _is_main():  # only now: a run that cannot start leaves no workdir behind
+            os.makedirs(workdir, exist_ok=True)
             _write_json_atomic(os.path.join(workdir, CONFIG_FILE), _config_dict(config))
             _write_json_atomic(run_path, run)
     _sync("run")
@@ -480,6 +480,10 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
     num_steps = run["num_steps"]
 
     spec = _data_spec(config, workdir)
+    if latest is not None and run["tokenizer"] != "byte" and not os.path.isfile(run["tokenizer"]):
+        # The tokenizer.json the run started from is gone (say, its init checkpoint was
+        # deleted): every checkpoint of the run carries a copy, checked against its sha256.
+        run = dict(run, tokenizer=checkpoints.tokenizer_spec(latest) or run["tokenizer"])
     tokenizer = data.load_tokenizer(run["tokenizer"])
     if tokenizer.vocab_size > model_config.vocab_size:
         raise TrainError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the "

@@ -112,6 +112,10 @@ def test_tokenizer_travels_hf_checkpoint_train_export(hf_folder, corpus, tmp_pat
         path = checkpoints.step_dir(str(workdir), step)
         assert _sha(os.path.join(path, "tokenizer.json")) == want
         assert checkpoints.read_meta(path).provenance["tokenizer_sha256"] == want
+    # With the init checkpoint (whose tokenizer.json the run recorded) deleted, the workdir still
+    # resumes: its own checkpoints' copies are used.
+    shutil.rmtree(ck1)
+    assert train.train_and_evaluate(config, str(workdir)) == {}  # already complete
     # A tokenizer.json edited after the fact is refused, naming the file.
     with open(os.path.join(checkpoints.step_dir(str(workdir), 2), "tokenizer.json"), "a") as f:
         f.write(" ")
