@@ -3,9 +3,9 @@
 A preset is data; experiments/suite.py turns it into runs. Each preset's docstring records its token
 arithmetic: params, tokens per step, steps of every run, alpha x P. Throughputs quoted are the
 ones measured on this project's 2-core CPU by this project's trainer: ~2.9-3.0k tokens/s for the
-0.92M-param `cpu` model (its first real run; ../shared/ENVIRONMENT.md's ~7k for a 1M model was far
-off for this shape), ~1.5k for the 3.5M `full` model (`bench train`). The `cpu` and `methods` runs'
-wall times are in the README's results sections.
+0.92M-param `cpu` model (its first real run; an earlier estimate of ~7k for a 1M model, scaled
+from a larger shape, was far off for this one), ~1.5k for the 3.5M `full` model (`bench train`).
+The `cpu` and `methods` runs' wall times are in the README's results sections.
 
 Run counts, with A = ablation KV heads, S = seeds, M = ablation methods, W = sweep KV heads, B =
 scratch KV heads, alpha = 0.05 and alpha_max = 0.1 (in steps of P):

@@ -1,6 +1,6 @@
 """Pooling K/V heads: multi-head (or grouped) attention -> fewer KV heads, as pure numpy functions.
 
-The paper's method (Ainslie et al. 2023, RESEARCH.md): split the K key heads of a layer into
+The paper's method (Ainslie et al. 2023, arXiv 2305.13245): split the K key heads of a layer into
 num_kv_heads contiguous groups of q_per_kv = K // num_kv_heads heads and replace each group by the mean
 of its members; same for the value heads. Query and output projections are untouched. Grouping is
 contiguous, as everywhere in this codebase: new KV head j pools old heads j*r .. j*r+r-1, so query head

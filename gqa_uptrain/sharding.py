@@ -1,7 +1,7 @@
 """Device mesh and parameter partitioning by name.
 
-The mesh has three axes, all of jax's Auto type (XLA propagates shardings; Explicit axes broke the
-embedding gather, ENVIRONMENT.md):
+The mesh has three axes, all of jax's Auto type (XLA propagates shardings; with Explicit axes
+nnx.Embed's gather failed with a ShardingTypeError, seen on jax 0.10.2):
   data    pure data parallelism: params replicated, batch split.
   fsdp    batch split too, and every parameter's d_model dimension split (ZeRO-3 style: XLA gathers
           a layer's weights just before it uses them).

@@ -381,7 +381,7 @@ def test_a_figure_without_data_beyond_the_mha_reference_is_not_written(tmp_path,
 _OUTSIDE = re.compile(r"\.\./shared/|\bshared/[A-Z]+\.md|ENVIRONMENT\.md|RESEARCH\.md")
 # Lines that still cite them, in files this test's author could not edit; remove each entry
 # once its file states the fact inline.
-_PENDING = {"experiments/presets.py", "gqa_uptrain/pooling.py", "gqa_uptrain/sharding.py"}
+_PENDING: set[str] = set()  # files allowed to keep such a reference for now: none
 
 
 def test_no_reference_points_outside_the_repository():
