@@ -118,7 +118,7 @@ def _restore(path: str):
 
 
 def _provenance(input_path: str, method: str, seed: int, before: int, after: int) -> dict[str, Any]:
-    return {"converted_from": os.path.abspath(input_path), "converter": hf._converter_version(),
+    return {"converted_from": os.path.abspath(input_path), "converter": hf.converter_version(),
             "method": method, "seed": seed, "num_kv_heads_before": before,
             "num_kv_heads_after": after}
 

@@ -3,29 +3,17 @@
 Supported: `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM` folders holding `config.json`
 plus safetensors weights (`model.safetensors`, or shards listed in `model.safetensors.index.json`).
 
-Three jobs, in the sections below:
-  * safetensors I/O by offset: a header parser that checks the file (truncated or corrupted files are
-    refused), a reader that reads one tensor with plain file reads (no memory map, so nothing grows
-    resident but the tensor itself), and a header-first writer (the header is computed from the
-    planned names, dtypes and shapes, then tensors are streamed in).
+Two jobs, in the sections below (safetensors I/O by byte offset is safetensors_io.py's):
   * HF -> HF conversion (`convert_hf_folder`), streaming one tensor at a time: only K/V tensors are
     decoded and pooled; every other tensor is copied in chunks. Imports neither jax nor torch.
   * import (`load_hf_model`: HF folder -> this project's flat params + ModelConfig) and export
     (`export_hf`: params + ModelConfig -> HF folder); both are pure reshapes/transposes, so a round
     trip is bit-exact. These import model.py (and so jax) lazily, inside the functions.
 
-Name table (D=d_model, N=num_heads, K=num_kv_heads, H=head_dim, F=mlp_dim, V=vocab):
-  model.embed_tokens.weight [V, D]                <-> embed [V, D]
-  model.norm.weight [D]                           <-> final_norm.scale [D]
-  lm_head.weight [V, D]                           <-> lm_head [D, V]  (absent when tied)
-  model.layers.i.input_layernorm.weight [D]       <-> layers.i.attn_norm.scale
-  model.layers.i.post_attention_layernorm.weight  <-> layers.i.mlp_norm.scale
-  model.layers.i.self_attn.q_proj.weight [N*H, D] <-> layers.i.attn.q_proj [D, N, H]  (k, v: K heads)
-  model.layers.i.self_attn.q_proj.bias [N*H]      <-> layers.i.attn.q_bias [N, H]     (k, v: K heads)
-  model.layers.i.self_attn.o_proj.weight [D, N*H] <-> layers.i.attn.o_proj [N, H, D]
-  model.layers.i.self_attn.o_proj.bias [D]        <-> layers.i.attn.o_bias [D]
-  model.layers.i.mlp.{gate,up}_proj.weight [F, D] <-> layers.i.mlp.{gate,up}_proj [D, F]
-  model.layers.i.mlp.down_proj.weight [D, F]      <-> layers.i.mlp.down_proj [F, D]
+The HF <-> project layout is one table, LAYOUT_TABLE: a row per tensor (HF name, project name, HF
+shape in config.json's sizes, the transform to the project's layout and back, and the config flag
+the tensor depends on). The expected tensors and shapes of a folder, the name maps of import and
+export, their transposes and the head view that K/V pooling reshapes to are all read from it.
 RoPE needs no permutation: model.py uses HF's rotate-half layout.
 
 Features, and where they are supported (HF -> HF pooling touches only K/V, so it passes through
@@ -54,13 +42,15 @@ import os
 import re
 import shutil
 import socket
-import struct
 import tempfile
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
 from gqa_uptrain import pooling
+from gqa_uptrain.safetensors_io import (DTYPE_NAMES, DTYPE_SIZES, SafetensorsWriter, TensorInfo,
+                                        numpy_dtype, read_safetensors_header, read_tensor,
+                                        safetensors_dtype, verify_safetensors)
 
 if TYPE_CHECKING:  # model.py imports jax; the HF -> HF path must not.
     from gqa_uptrain.model import ModelConfig
@@ -83,221 +73,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msg
 _BUFFER = re.compile(r"(^|\.)rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 # Export default, as transformers' classic save_pretrained: a 7B model in bf16 gives 3 shards.
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-_COPY_CHUNK_BYTES = 16 * 2**20
-
-
-# ============================================================================ safetensors by offset
-
-_DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
-                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-_MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
-
-
-def _numpy_dtype(st_dtype: str) -> np.dtype:
-    import ml_dtypes  # noqa: PLC0415 (numpy has no bfloat16/float8 of its own)
-
-    table = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16,
-             "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I32": np.int32, "U32": np.uint32,
-             "F32": np.float32, "I64": np.int64, "U64": np.uint64, "F64": np.float64,
-             "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
-    return np.dtype(table[st_dtype])
-
-
-def _safetensors_dtype(dtype: Any) -> str:
-    name = np.dtype(dtype).name
-    table = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16",
-             "float16": "F16", "bfloat16": "BF16", "int32": "I32", "uint32": "U32",
-             "float32": "F32", "int64": "I64", "uint64": "U64", "float64": "F64",
-             "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
-    if name not in table:
-        raise ValueError(f"dtype {name} cannot be written to safetensors")
-    return table[name]
-
-
-_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lies: `offset` is the absolute byte offset of its data in `path`."""
-
-    name: str
-    dtype: str  # safetensors spelling: 'F32', 'BF16', ...
-    shape: tuple[int, ...]
-    path: str
-    offset: int
-    nbytes: int
-
-
-def read_safetensors_header(path: str) -> tuple[list[TensorInfo], dict[str, str]]:
-    """Parses and checks a safetensors file's header without reading tensor data.
-
-    Returns (tensors in file order, __metadata__). Raises ValueError naming the file when it is
-    truncated or corrupted: header size, JSON, dtypes, shapes, offsets (contiguous, no gaps, no
-    overlaps) and the file's length are all checked.
-    """
-    size = os.path.getsize(path)
-
-    def bad(why: str) -> ValueError:
-        return ValueError(f"{path}: truncated or corrupted safetensors file ({why})")
-
-    if size < 8:
-        raise bad(f"{size} bytes, shorter than the 8-byte header length")
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if header_len > min(size - 8, _MAX_HEADER_BYTES):
-            raise bad(f"header length {header_len} but the file holds {size} bytes")
-        raw = f.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"header is not JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise bad("__metadata__ is not an object")
-    data_start = 8 + header_len
-    tensors = []
-    for tname, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise bad(f"entry for {tname!r} is malformed") from None
-        if dtype not in _DTYPE_SIZES:
-            raise bad(f"{tname!r} has unknown dtype {dtype!r}")
-        if not all(isinstance(d, int) and d >= 0 for d in shape) or not (
-                isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
-            raise bad(f"{tname!r} has shape {list(shape)} / offsets {[begin, end]}")
-        nbytes = math.prod(shape) * _DTYPE_SIZES[dtype]
-        if end - begin != nbytes:
-            raise bad(f"{tname!r}: {end - begin} bytes of data for shape {list(shape)} {dtype}")
-        tensors.append(TensorInfo(tname, dtype, shape, path, data_start + begin, nbytes))
-    tensors.sort(key=lambda t: t.offset)
-    expected = data_start
-    for t in tensors:
-        if t.offset != expected:
-            raise bad(f"{t.name!r} starts at byte {t.offset - data_start} of the data, "
-                      f"expected {expected - data_start} (gap or overlap)")
-        expected += t.nbytes
-    if expected != size:
-        raise bad(f"the header describes {expected} bytes but the file holds {size}")
-    return tensors, metadata
-
-
-def read_tensor(info: TensorInfo) -> np.ndarray:
-    """Reads one tensor with plain file reads (re-opening the file; no memory map)."""
-    buf = np.empty(info.nbytes, np.uint8)
-    with open(info.path, "rb") as f:
-        f.seek(info.offset)
-        if f.readinto(memoryview(buf)) != info.nbytes:
-            raise ValueError(f"{info.path}: truncated while reading {info.name!r}")
-    return buf.view(_numpy_dtype(info.dtype)).reshape(info.shape)
-
-
-class SafetensorsWriter:
-    """Header-first safetensors writer: the header (names, dtypes, shapes, offsets) is fixed up front
-    from `entries`, then each tensor is written in that order with `write` or `copy_from`.
-
-    entries: [(name, safetensors dtype, shape)]; metadata: e.g. {'format': 'pt'} (what transformers
-    expects). Use as a context manager; `close` checks that every planned tensor was written.
-    """
-
-    def __init__(self, path: str, entries: list[tuple[str, str, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
-        self.path = path
-        self._entries = [(n, d, tuple(int(x) for x in s)) for n, d, s in entries]
-        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-        offset = 0
-        for name, dtype, shape in self._entries:
-            nbytes = math.prod(shape) * _DTYPE_SIZES[dtype]
-            header[name] = {"dtype": dtype, "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # 8-byte aligned data, as the safetensors library writes it
-        self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
-        self._next = 0
-
-    def _expect(self, name: str) -> tuple[str, tuple[int, ...]]:
-        if self._next >= len(self._entries) or self._entries[self._next][0] != name:
-            raise RuntimeError(f"{self.path}: wrote {name!r} out of the planned order")
-        self._next += 1
-        return self._entries[self._next - 1][1:]
-
-    def write(self, name: str, array: np.ndarray) -> None:
-        dtype, shape = self._expect(name)
-        array = np.ascontiguousarray(array)
-        if _safetensors_dtype(array.dtype) != dtype or tuple(array.shape) != shape:
-            raise RuntimeError(f"{self.path}: {name!r} is {array.dtype}{array.shape}, "
-                               f"planned {dtype}{shape}")
-        self._file.write(array.reshape(-1).view(np.uint8).data)
-
-    def copy_from(self, info: TensorInfo) -> None:
-        """Copies a tensor's bytes from an input file in chunks (never the whole tensor in memory)."""
-        dtype, shape = self._expect(info.name)
-        if (info.dtype, info.shape) != (dtype, shape):
-            raise RuntimeError(f"{self.path}: {info.name!r} does not match its plan")
-        with open(info.path, "rb") as f:
-            self._file.flush()
-            try:
-                # In-kernel copy (what `cp` uses): no pass through Python's buffers. Measured in the
-                # convert benchmark at ~2x faster than the chunked loop below on a 2.5 GB checkpoint.
-                self._kernel_copy(f, info)
-                return
-            except (OSError, AttributeError):  # other filesystems / platforms: the plain loop
-                self._file.seek(self._data_start_of_current)
-            f.seek(info.offset)
-            left = info.nbytes
-            while left:
-                chunk = f.read(min(left, _COPY_CHUNK_BYTES))
-                if not chunk:
-                    raise ValueError(f"{info.path}: truncated while reading {info.name!r}")
-                self._file.write(chunk)
-                left -= len(chunk)
-
-    def _kernel_copy(self, src, info: TensorInfo) -> None:
-        self._data_start_of_current = self._file.tell()
-        out_fd, in_fd = self._file.fileno(), src.fileno()
-        offset_in, left = info.offset, info.nbytes
-        while left:
-            n = os.copy_file_range(in_fd, out_fd, left, offset_in)
-            if n == 0:
-                raise ValueError(f"{info.path}: truncated while reading {info.name!r}")
-            offset_in += n
-            left -= n
-        # copy_file_range without an output offset advanced the fd's position; keep the Python
-        # file object's idea of it in step.
-        self._file.seek(os.lseek(out_fd, 0, os.SEEK_CUR))
-
-    def close(self) -> None:
-        self._file.close()
-        if self._next != len(self._entries):
-            raise RuntimeError(f"{self.path}: {len(self._entries) - self._next} planned tensors "
-                               "were not written")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if exc[0] is None:
-            self.close()
-        else:
-            self._file.close()
-
-
-def verify_safetensors(path: str, entries: list[tuple[str, str, tuple[int, ...]]]) -> None:
-    """Opens a written file with the safetensors library and checks names, dtypes and shapes."""
-    from safetensors import safe_open  # noqa: PLC0415
-
-    with safe_open(path, framework="numpy") as f:
-        if (f.metadata() or {}).get("format") != "pt":
-            raise RuntimeError(f"{path}: metadata lacks format=pt")
-        got = {n: (f.get_slice(n).get_dtype(), tuple(f.get_slice(n).get_shape())) for n in f.keys()}
-    want = {n: (d, tuple(s)) for n, d, s in entries}
-    if got != want:
-        raise RuntimeError(f"{path}: written file does not read back as planned")
 
 
 # ============================================================================ folders and paths
@@ -490,13 +265,112 @@ def _write_json(path: str, obj: Any) -> None:
         f.write("\n")
 
 
-def _converter_version() -> str:
+def converter_version() -> str:
+    """What provenance records as the converter: the installed package's version."""
     try:
         from importlib.metadata import version  # noqa: PLC0415
 
         return f"gqa_uptrain {version('gqa_uptrain')}"
     except Exception:  # noqa: BLE001 (not installed: running from a source tree)
         return "gqa_uptrain (source tree)"
+
+
+# ============================================================================ the layout table
+
+# Transforms between HF's torch layout and this project's (views: transposes and reshapes only, hence
+# lossless). n is the row's head count (N for q and o, K for k and v), read from the array.
+def _keep(a: np.ndarray, layout: "HFLayout") -> np.ndarray:
+    return a
+
+
+def _t(a: np.ndarray, layout: "HFLayout") -> np.ndarray:  # [a, b] <-> [b, a]
+    return a.T
+
+
+def _split_in(w: np.ndarray, layout: "HFLayout") -> np.ndarray:  # [n*H, D] -> [D, n, H]
+    return w.T.reshape(layout.d_model, -1, layout.head_dim)
+
+
+def _join_in(p: np.ndarray, layout: "HFLayout") -> np.ndarray:  # [D, n, H] -> [n*H, D]
+    return p.reshape(layout.d_model, -1).T
+
+
+def _split_out(w: np.ndarray, layout: "HFLayout") -> np.ndarray:  # [D, N*H] -> [N, H, D]
+    return w.T.reshape(-1, layout.head_dim, layout.d_model)
+
+
+def _join_out(p: np.ndarray, layout: "HFLayout") -> np.ndarray:  # [N, H, D] -> [D, N*H]
+    return p.reshape(-1, layout.d_model).T
+
+
+def _split(b: np.ndarray, layout: "HFLayout") -> np.ndarray:  # [n*H] -> [n, H]
+    return b.reshape(-1, layout.head_dim)
+
+
+def _join(p: np.ndarray, layout: "HFLayout") -> np.ndarray:  # [n, H] -> [n*H]
+    return p.reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutRow:
+    """One tensor of a Llama-family folder: names hold {i} (the layer) in per-layer rows; the HF shape
+    is in config.json's sizes (HFLayout.dims), 'K*H' being K heads of H stacked on one axis."""
+
+    hf: str
+    project: str | None  # None: no param of this project's model (import refuses it; HF -> HF only)
+    shape: tuple[str, ...]
+    to_project: Callable[[np.ndarray, "HFLayout"], np.ndarray]
+    to_hf: Callable[[np.ndarray, "HFLayout"], np.ndarray]
+    when: str | None = None  # the HFLayout flag it is present under; None: always
+
+
+# V vocab_size, D d_model, N num_heads, K num_kv_heads, H head_dim, F mlp_dim.
+_TOP_ROWS = (
+    # HF name                   project name        HF shape  to project  to HF  present when
+    ("model.embed_tokens.weight", "embed",            "V, D",   _keep,      _keep),
+    ("model.norm.weight",         "final_norm.scale", "D",      _keep,      _keep),
+    ("lm_head.weight",            "lm_head",          "V, D",   _t,         _t,    "untied"),
+)
+_LAYER_ROWS = (  # under model.layers.{i}. (HF) and layers.{i}. (project)
+    # HF name                         project name       HF shape  to project  to HF      present when
+    ("input_layernorm.weight",          "attn_norm.scale", "D",      _keep,      _keep),
+    ("post_attention_layernorm.weight", "mlp_norm.scale",  "D",      _keep,      _keep),
+    ("self_attn.q_proj.weight",         "attn.q_proj",     "N*H, D", _split_in,  _join_in),
+    ("self_attn.q_proj.bias",           "attn.q_bias",     "N*H",    _split,     _join,     "qkv_bias"),
+    ("self_attn.k_proj.weight",         "attn.k_proj",     "K*H, D", _split_in,  _join_in),
+    ("self_attn.k_proj.bias",           "attn.k_bias",     "K*H",    _split,     _join,     "qkv_bias"),
+    ("self_attn.v_proj.weight",         "attn.v_proj",     "K*H, D", _split_in,  _join_in),
+    ("self_attn.v_proj.bias",           "attn.v_bias",     "K*H",    _split,     _join,     "qkv_bias"),
+    ("self_attn.o_proj.weight",         "attn.o_proj",     "D, N*H", _split_out, _join_out),
+    ("self_attn.o_proj.bias",           "attn.o_bias",     "D",      _keep,      _keep,     "o_bias"),
+    ("mlp.gate_proj.weight",            "mlp.gate_proj",   "F, D",   _t,         _t),
+    ("mlp.up_proj.weight",              "mlp.up_proj",     "F, D",   _t,         _t),
+    ("mlp.down_proj.weight",            "mlp.down_proj",   "D, F",   _t,         _t),
+    ("mlp.gate_proj.bias",              None,              "F",      _keep,      _keep,     "mlp_bias"),
+    ("mlp.up_proj.bias",                None,              "F",      _keep,      _keep,     "mlp_bias"),
+    ("mlp.down_proj.bias",              None,              "D",      _keep,      _keep,     "mlp_bias"),
+)
+
+
+def _row(hf: str, project: str | None, shape: str, *rest, layer: bool) -> LayoutRow:
+    if layer:
+        hf, project = "model.layers.{i}." + hf, project and "layers.{i}." + project
+    return LayoutRow(hf, project, tuple(shape.split(", ")), *rest)
+
+
+LAYOUT_TABLE = (tuple(_row(*r, layer=False) for r in _TOP_ROWS)
+                + tuple(_row(*r, layer=True) for r in _LAYER_ROWS))
+_KV_HEADS = "K*H"  # the dimension K/V pooling shrinks
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutTensor:
+    """A table row for one layer (or a top-level row) of one layout: names filled in, shape in ints."""
+
+    hf: str
+    project: str | None
+    shape: tuple[int, ...]
+    row: LayoutRow
 
 
 # ============================================================================ config.json -> layout
@@ -519,32 +393,52 @@ class HFLayout:
     o_bias: bool
     mlp_bias: bool
 
+    @property
+    def untied(self) -> bool:
+        return not self.tie_embeddings
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {"V": self.vocab_size, "D": self.d_model, "N": self.num_heads,
+                "K": self.num_kv_heads, "H": self.head_dim, "F": self.mlp_dim}
+
+    def size(self, dim: str) -> int:
+        """One HF dimension of the table: 'D' -> d_model, 'K*H' -> num_kv_heads * head_dim."""
+        return math.prod(self.dims[d] for d in dim.split("*"))
+
+    def tensors(self) -> list[LayoutTensor]:
+        """LAYOUT_TABLE's rows present under this config, top-level rows once, per-layer rows for
+        every layer (layer by layer), in table order."""
+        top = [r for r in LAYOUT_TABLE if "{i}" not in r.hf]
+        per_layer = [r for r in LAYOUT_TABLE if "{i}" in r.hf]
+        out = []
+        for i, rows in [(None, top)] + [(i, per_layer) for i in range(self.num_layers)]:
+            for r in rows:
+                if r.when is None or getattr(self, r.when):
+                    out.append(LayoutTensor(
+                        r.hf.format(i=i), None if r.project is None else r.project.format(i=i),
+                        tuple(self.size(d) for d in r.shape), r))
+        return out
+
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """{HF tensor name: shape} of every tensor the folder must hold (lm_head only when untied)."""
-        d, h, f = self.d_model, self.head_dim, self.mlp_dim
-        shapes = {"model.embed_tokens.weight": (self.vocab_size, d), "model.norm.weight": (d,)}
-        if not self.tie_embeddings:
-            shapes["lm_head.weight"] = (self.vocab_size, d)
-        for i in range(self.num_layers):
-            p = f"model.layers.{i}."
-            shapes[p + "input_layernorm.weight"] = (d,)
-            shapes[p + "post_attention_layernorm.weight"] = (d,)
-            for kind, heads in (("q", self.num_heads), ("k", self.num_kv_heads),
-                                ("v", self.num_kv_heads)):
-                shapes[p + f"self_attn.{kind}_proj.weight"] = (heads * h, d)
-                if self.qkv_bias:
-                    shapes[p + f"self_attn.{kind}_proj.bias"] = (heads * h,)
-            shapes[p + "self_attn.o_proj.weight"] = (d, self.num_heads * h)
-            if self.o_bias:
-                shapes[p + "self_attn.o_proj.bias"] = (d,)
-            shapes[p + "mlp.gate_proj.weight"] = (f, d)
-            shapes[p + "mlp.up_proj.weight"] = (f, d)
-            shapes[p + "mlp.down_proj.weight"] = (d, f)
-            if self.mlp_bias:
-                shapes[p + "mlp.gate_proj.bias"] = (f,)
-                shapes[p + "mlp.up_proj.bias"] = (f,)
-                shapes[p + "mlp.down_proj.bias"] = (d,)
-        return shapes
+        return {t.hf: t.shape for t in self.tensors()}
+
+    def kv_tensors(self) -> list[LayoutTensor]:
+        """The tensors that carry K heads (what K/V pooling changes)."""
+        return [t for t in self.tensors() if _KV_HEADS in t.row.shape]
+
+    def head_view(self, t: LayoutTensor) -> tuple[tuple[int, ...], int]:
+        """(shape, head axis) of a K-head tensor viewed with its heads split out: [K*H, D] ->
+        ([K, H, D], 0), [K*H] -> ([K, H], 0)."""
+        shape, axis = [], None
+        for d in t.row.shape:
+            if d == _KV_HEADS:
+                axis = len(shape)
+                shape += [self.num_kv_heads, self.head_dim]
+            else:
+                shape.append(self.size(d))
+        return tuple(shape), axis
 
 
 def _int_field(config: dict, key: str) -> int:
@@ -608,14 +502,16 @@ def check_tensors(tensors: dict[str, Any], layout: HFLayout) -> list[str]:
     """
     expected = layout.expected_shapes()
     buffers = sorted(n for n in tensors if _BUFFER.search(n))
-    optional = {"lm_head.weight": (layout.vocab_size, layout.d_model)} if layout.tie_embeddings else {}
+    # What only an untied layout holds (lm_head.weight) is tolerated in a tied folder.
+    untied = dataclasses.replace(layout, tie_embeddings=False).expected_shapes()
+    optional = {n: s for n, s in untied.items() if n not in expected}
     def more(names):
         return f"; {len(names) - 1} more" if len(names) > 1 else ""
 
-    missing = sorted(set(expected) - set(tensors), key=_natural_key)
+    missing = sorted(set(expected) - set(tensors), key=natural_key)
     if missing:
         raise ValueError(f"missing tensor {missing[0]} (config.json implies it{more(missing)})")
-    unexpected = sorted(set(tensors) - set(expected) - set(optional) - set(buffers), key=_natural_key)
+    unexpected = sorted(set(tensors) - set(expected) - set(optional) - set(buffers), key=natural_key)
     if unexpected:
         raise ValueError(f"unexpected tensor {unexpected[0]} (not part of a {layout.architecture} "
                          f"with this config.json{more(unexpected)})")
@@ -626,11 +522,8 @@ def check_tensors(tensors: dict[str, Any], layout: HFLayout) -> list[str]:
     return buffers
 
 
-def _natural_key(name: str):
+def natural_key(name: str):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
-_KV_TENSOR = re.compile(r"^model\.layers\.\d+\.self_attn\.[kv]_proj\.(weight|bias)$")
 
 
 def _hf_dtype_name(config: dict[str, Any], fallback: str) -> str:
@@ -661,14 +554,14 @@ def convert_hf_folder(input_folder: str, output_folder: str, num_kv_heads: int,
     pooling.check_num_kv_heads(layout.num_kv_heads, num_kv_heads)
     tensors, files, index_meta = weight_tensors(input_folder)
     dropped = check_tensors(tensors, layout)
+    kv = {t.hf: t for t in layout.kv_tensors()}
     for name in tensors:
-        if _KV_TENSOR.match(name) and tensors[name].dtype not in _DTYPE_NAMES:
+        if name in kv and tensors[name].dtype not in DTYPE_NAMES:
             raise ValueError(f"tensor {name} has dtype {tensors[name].dtype}; pooling needs "
-                             f"one of {sorted(_DTYPE_NAMES)}")
+                             f"one of {sorted(DTYPE_NAMES)}")
     new_layout = dataclasses.replace(layout, num_kv_heads=num_kv_heads)
     new_shapes = new_layout.expected_shapes()
     init_std = float(config.get("initializer_range") or 0.02)
-    head_dim = layout.head_dim
 
     weight_map: dict[str, str] = {}
     total_size = total_params = 0
@@ -683,12 +576,13 @@ def convert_hf_folder(input_folder: str, output_folder: str, num_kv_heads: int,
             out_path = os.path.join(tmp, file)
             with SafetensorsWriter(out_path, entries, {"format": "pt"}) as writer:
                 for info, (_, _, shape) in zip(infos, entries):
-                    if _KV_TENSOR.match(info.name):
+                    if info.name in kv:
                         w = read_tensor(info)
                         is_bias = info.name.endswith(".bias")
-                        heads = w.reshape((-1, head_dim) if is_bias else (-1, head_dim, layout.d_model))
+                        view, head_axis = layout.head_view(kv[info.name])  # [K*H, D] -> [K, H, D]
+                        heads = w.reshape(view)
                         pooled = pooling.pool_kv_heads(
-                            heads, num_kv_heads, method, head_axis=0,
+                            heads, num_kv_heads, method, head_axis=head_axis,
                             seed=pooling.tensor_seed(seed, info.name), init_std=init_std,
                             is_bias=is_bias)
                         writer.write(info.name, pooled.reshape(shape))
@@ -696,7 +590,7 @@ def convert_hf_folder(input_folder: str, output_folder: str, num_kv_heads: int,
                     else:
                         writer.copy_from(info)
                     weight_map[info.name] = file
-                    total_size += math.prod(shape) * _DTYPE_SIZES[info.dtype]
+                    total_size += math.prod(shape) * DTYPE_SIZES[info.dtype]
                     total_params += math.prod(shape)
             verify_safetensors(out_path, entries)
         if index_meta is not None:
@@ -727,7 +621,7 @@ def convert_hf_folder(input_folder: str, output_folder: str, num_kv_heads: int,
                 copied.append(entry)
         provenance = {
             "converted_from": os.path.abspath(input_folder),
-            "converter": _converter_version(),
+            "converter": converter_version(),
             "method": method,
             "seed": seed,
             "num_kv_heads_before": layout.num_kv_heads,
@@ -738,8 +632,8 @@ def convert_hf_folder(input_folder: str, output_folder: str, num_kv_heads: int,
             provenance["previous"] = previous
         _write_json(os.path.join(tmp, PROVENANCE_FILE), provenance)
 
-    k_dtype = tensors["model.layers.0.self_attn.k_proj.weight"].dtype
-    cache_dtype = _hf_dtype_name(config, _DTYPE_NAMES[k_dtype])
+    k_dtype = tensors[next(iter(kv))].dtype  # layer 0's k_proj.weight
+    cache_dtype = _hf_dtype_name(config, DTYPE_NAMES[k_dtype])
     return {
         "input_format": "hf", "output_format": "hf", "architecture": layout.architecture,
         "num_layers": layout.num_layers, "num_heads": layout.num_heads,
@@ -830,65 +724,6 @@ def model_config_from_hf(hf_config: dict[str, Any]) -> "ModelConfig":
         param_dtype=dtype, dtype=dtype)
 
 
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_LAYER_NAMES = {  # HF suffix -> project suffix
-    "input_layernorm.weight": "attn_norm.scale",
-    "post_attention_layernorm.weight": "mlp_norm.scale",
-    "self_attn.q_proj.weight": "attn.q_proj", "self_attn.k_proj.weight": "attn.k_proj",
-    "self_attn.v_proj.weight": "attn.v_proj", "self_attn.o_proj.weight": "attn.o_proj",
-    "self_attn.q_proj.bias": "attn.q_bias", "self_attn.k_proj.bias": "attn.k_bias",
-    "self_attn.v_proj.bias": "attn.v_bias", "self_attn.o_proj.bias": "attn.o_bias",
-    "mlp.gate_proj.weight": "mlp.gate_proj", "mlp.up_proj.weight": "mlp.up_proj",
-    "mlp.down_proj.weight": "mlp.down_proj",
-}
-_TOP_NAMES = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm.scale",
-              "lm_head.weight": "lm_head"}
-_PROJECT_TO_HF_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
-_PROJECT_TO_HF_TOP = {v: k for k, v in _TOP_NAMES.items()}
-
-
-def _project_name(hf_name: str) -> str:
-    if hf_name in _TOP_NAMES:
-        return _TOP_NAMES[hf_name]
-    m = _HF_LAYER.match(hf_name)
-    return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-
-
-def _hf_name(project_name: str) -> str:
-    if project_name in _PROJECT_TO_HF_TOP:
-        return _PROJECT_TO_HF_TOP[project_name]
-    _, i, rest = project_name.split(".", 2)
-    return f"model.layers.{i}.{_PROJECT_TO_HF_LAYER[rest]}"
-
-
-def _to_project(project_name: str, w: np.ndarray, d_model: int, head_dim: int) -> np.ndarray:
-    """HF tensor -> this project's layout (a view: transposes and reshapes only, hence lossless)."""
-    suffix = project_name.rsplit(".", 1)[-1]
-    if suffix in ("q_proj", "k_proj", "v_proj"):  # [n*H, D] -> [D, n, H]
-        return w.T.reshape(d_model, -1, head_dim)
-    if suffix == "o_proj":  # [D, N*H] -> [N, H, D]
-        return w.T.reshape(-1, head_dim, d_model)
-    if suffix in ("q_bias", "k_bias", "v_bias"):  # [n*H] -> [n, H]
-        return w.reshape(-1, head_dim)
-    if suffix in ("lm_head", "gate_proj", "up_proj", "down_proj"):
-        return w.T
-    return w
-
-
-def _to_hf(project_name: str, p: np.ndarray, d_model: int) -> np.ndarray:
-    """Inverse of _to_project."""
-    suffix = project_name.rsplit(".", 1)[-1]
-    if suffix in ("q_proj", "k_proj", "v_proj"):  # [D, n, H] -> [n*H, D]
-        return p.reshape(d_model, -1).T
-    if suffix == "o_proj":  # [N, H, D] -> [D, N*H]
-        return p.reshape(-1, d_model).T
-    if suffix in ("q_bias", "k_bias", "v_bias"):
-        return p.reshape(-1)
-    if suffix in ("lm_head", "gate_proj", "up_proj", "down_proj"):
-        return p.T
-    return p
-
-
 def load_hf_model(folder: str) -> tuple[dict[str, np.ndarray], "ModelConfig"]:
     """Imports a Hugging Face folder as (this project's flat params as numpy arrays, ModelConfig).
 
@@ -901,10 +736,9 @@ def load_hf_model(folder: str) -> tuple[dict[str, np.ndarray], "ModelConfig"]:
     config = model_config_from_hf(hf_config)
     layout = hf_layout(hf_config)
     tensors, _, _ = weight_tensors(folder)
-    dropped = set(check_tensors(tensors, layout))
-    if layout.tie_embeddings:
-        dropped.add("lm_head.weight")
-    keep = [t for n, t in tensors.items() if n not in dropped]
+    check_tensors(tensors, layout)
+    table = {t.hf: t for t in layout.tensors()}  # not in it: buffers and a tied lm_head.weight
+    keep = [t for n, t in tensors.items() if n in table]
     order = {"F16": 0, "BF16": 0, "F32": 1, "F64": 2}
     bad = sorted({t.dtype for t in keep} - set(order))
     if bad:
@@ -915,13 +749,13 @@ def load_hf_model(folder: str) -> tuple[dict[str, np.ndarray], "ModelConfig"]:
     dtypes = {t.dtype for t in keep}
     if len(dtypes) > 1 and widest != "F32":
         raise ValueError(f"tensors mix dtypes {sorted(dtypes)}; cannot import them losslessly")
-    param_dtype = _DTYPE_NAMES[widest]
+    param_dtype = DTYPE_NAMES[widest]
     config = config.replace(param_dtype=param_dtype, dtype=param_dtype)
     params = {}
     for info in keep:
-        name = _project_name(info.name)
-        w = read_tensor(info).astype(_numpy_dtype(widest), copy=False)
-        params[name] = np.ascontiguousarray(_to_project(name, w, layout.d_model, layout.head_dim))
+        t = table[info.name]
+        w = read_tensor(info).astype(numpy_dtype(widest), copy=False)
+        params[t.project] = np.ascontiguousarray(t.row.to_project(w, layout))
     return params, config
 
 
@@ -1050,17 +884,23 @@ def export_hf(params: dict[str, Any], config: "ModelConfig", out_folder: str, *,
                           and config.vocab_size in BYTE_VOCAB_SIZES)
     if byte_tokenizer and config.vocab_size < 256:
         raise ValueError(f"vocab_size={config.vocab_size} < 256: no byte-level tokenizer fits")
-    names = sorted((_hf_name(n) for n in params), key=_natural_key)
-    to_project = {_hf_name(n): n for n in params}
+    layout = hf_layout(hf_config)
+    table = {t.hf: t for t in layout.tensors()}
+    if {t.project for t in table.values()} != set(params):  # the table and model.py disagree
+        raise RuntimeError(f"the params are not the layout table's tensors of {layout}")
+    names = sorted(table, key=natural_key)
 
     def tensor(hf_name):
-        p = np.asarray(params[to_project[hf_name]])
-        return np.ascontiguousarray(_to_hf(to_project[hf_name], p, config.d_model))
+        t = table[hf_name]
+        a = np.ascontiguousarray(t.row.to_hf(np.asarray(params[t.project]), layout))
+        if a.shape != t.shape:
+            raise RuntimeError(f"{t.project} exports as {a.shape}, the layout says {t.shape}")
+        return a
 
     shards: list[list[str]] = [[]]
     size = 0
     for name in names:
-        nbytes = np.asarray(params[to_project[name]]).nbytes
+        nbytes = np.asarray(params[table[name].project]).nbytes
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -1073,7 +913,7 @@ def export_hf(params: dict[str, Any], config: "ModelConfig", out_folder: str, *,
         weight_map, total_size = {}, 0
         for file, shard in zip(files, shards):
             arrays = {n: tensor(n) for n in shard}
-            entries = [(n, _safetensors_dtype(a.dtype), a.shape) for n, a in arrays.items()]
+            entries = [(n, safetensors_dtype(a.dtype), a.shape) for n, a in arrays.items()]
             with SafetensorsWriter(os.path.join(tmp, file), entries, {"format": "pt"}) as writer:
                 for n, a in arrays.items():
                     writer.write(n, a)

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from gqa_uptrain import hf
+from gqa_uptrain import hf, safetensors_io
 from gqa_uptrain.benchmarks.common import (BenchError, fmt, machine_info, machine_line,
                                            markdown_table)
 from gqa_uptrain.model import ModelConfig
@@ -90,7 +90,7 @@ def _plan(config: ModelConfig, max_shard_bytes: int):
     shapes = hf.hf_layout(hf_config).expected_shapes()
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
-    for name in sorted(shapes, key=hf._natural_key):
+    for name in sorted(shapes, key=hf.natural_key):
         nbytes = math.prod(shapes[name]) * _BF16_BYTES
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
@@ -123,8 +123,8 @@ def generate_checkpoint(folder: str, config: ModelConfig, max_shard_bytes: int,
     with hf.atomic_folder(folder) as tmp:
         for file, tensors in shards:
             entries = [(name, "BF16", shape) for name, shape in tensors]
-            with hf.SafetensorsWriter(os.path.join(tmp, file), entries,
-                                      {"format": "pt"}) as writer:
+            with safetensors_io.SafetensorsWriter(os.path.join(tmp, file), entries,
+                                                  {"format": "pt"}) as writer:
                 for name, shape in tensors:
                     size = math.prod(shape)
                     start = int(rng.integers(len(pool)))
