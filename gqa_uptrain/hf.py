@@ -580,13 +580,13 @@ def convert_hf_folder(input_folder: str, output_folder: str, num_kv_heads: int,
                         w = read_tensor(info)
                         is_bias = info.name.endswith(".bias")
                         view, head_axis = layout.head_view(kv[info.name])  # [K*H, D] -> [K, H, D]
-                        heads = w.reshape(view)
+                        split = w.reshape(view)
                         pooled = pooling.pool_kv_heads(
-                            heads, num_kv_heads, method, head_axis=head_axis,
+                            split, num_kv_heads, method, head_axis=head_axis,
                             seed=pooling.tensor_seed(seed, info.name), init_std=init_std,
                             is_bias=is_bias)
                         writer.write(info.name, pooled.reshape(shape))
-                        del w, heads, pooled
+                        del w, split, pooled
                     else:
                         writer.copy_from(info)
                     weight_map[info.name] = file
