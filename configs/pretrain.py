@@ -43,13 +43,14 @@ def get_config(arg=None):
 
     # Where the params come from (train.py): resume > init_checkpoint > scratch from `model`.
     c.init_checkpoint = ""  # '' = scratch
-    c.num_kv_heads = -1  # -1 = the model's own; fewer pools K/V heads of init_checkpoint
+    # G, the one dial for KV heads: -1 = MHA from scratch (num_heads KV heads), the checkpoint's
+    # own with init_checkpoint; a number trains GQA from scratch or pools init_checkpoint's K/V.
+    c.num_kv_heads = -1
     c.convert_method = "mean"  # pooling.METHODS
     c.convert_seed = 0  # for convert_method='random'
 
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=257,  # byte tokenizer: 256 bytes + BOS
-        num_kv_heads=SIZES[args["size"]]["num_heads"],  # MHA: the model GQA is made from
         head_dim=config_dict.placeholder(int),  # None -> d_model // num_heads
         rope_theta=10000.0,
         norm_eps=1e-6,
@@ -120,7 +121,7 @@ def get_config(arg=None):
         c.checkpoint_every = 1000
 
     if args["smoke"]:  # a tiny model, a few steps: the whole pipeline in under a minute
-        c.model.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=4, mlp_dim=128)
+        c.model.update(d_model=64, num_layers=2, num_heads=4, mlp_dim=128)
         c.data.seq_len = 64
         c.batch_size = 8
         c.num_steps = 20

@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from gqa_uptrain import heads
+
 # The paper's uptraining proportions (Fig. 5) and its headline alpha.
 SWEEP_ALPHAS = (0.0, 0.01, 0.02, 0.05, 0.1)
 ALPHA = 0.05
@@ -92,9 +94,13 @@ class Preset:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
         for field in ("kv_heads", "sweep_kv_heads", "ablation_kv_heads", "scratch_kv_heads"):
             for g in getattr(self, field):
-                if not 1 <= g < self.num_heads or self.num_heads % g:
-                    raise ValueError(f"{field} holds num_kv_heads={g}: it must divide "
-                                     f"num_heads={self.num_heads} and be smaller")
+                try:
+                    heads.group_size(self.num_heads, g)
+                except ValueError as e:
+                    raise ValueError(f"{field} holds num_kv_heads={g}: {e}") from None
+                if g == self.num_heads:
+                    raise ValueError(f"{field} holds num_kv_heads={g}: it must be smaller than "
+                                     f"num_heads={self.num_heads} (that is MHA)")
         for field in ("sweep_kv_heads", "ablation_kv_heads"):
             if not set(getattr(self, field)) <= set(self.kv_heads):
                 raise ValueError(f"{field}={getattr(self, field)} must be a subset of "

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from gqa_uptrain import heads
 from gqa_uptrain import model as model_lib
 
 FIELDS = ("name", "kind", "num_kv_heads", "method", "alpha", "seed", "steps", "val_loss",
@@ -71,7 +72,11 @@ def validate_record(record: dict[str, Any], *, num_heads: int, pretrain_steps: i
     kind, g, method, alpha = record["kind"], record["num_kv_heads"], record["method"], record["alpha"]
     if kind not in KINDS:
         fail(f"kind={kind!r} is not one of {KINDS}")
-    if not isinstance(g, int) or not 1 <= g <= num_heads or num_heads % g:
+    if not isinstance(g, int):
+        fail(f"num_kv_heads={g!r} is not an int")
+    try:
+        heads.group_size(num_heads, g)
+    except ValueError:
         fail(f"num_kv_heads={g!r} does not divide num_heads={num_heads}")
     if kind in ("pretrain", "continue") and g != num_heads:
         fail(f"a {kind} run is the MHA model: num_kv_heads must be {num_heads}, got {g}")

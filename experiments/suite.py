@@ -41,17 +41,16 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
 from experiments import plots, results
 from experiments.presets import Preset
-from gqa_uptrain import calibration, checkpoints, evaluate, merging, perf, train
+from gqa_uptrain import checkpoints, convert, evaluate, merging, perf, train
 from gqa_uptrain.model import ModelConfig, kv_cache_bytes_per_token
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Conversion methods: every name of merging.METHODS ('mean', 'first', 'random', 'similar+fit', ...),
-# converted by calibration.convert_params_calibrated. Methods that read activations draw their
+# converted by the converter's own path (convert.convert_checkpoint). Methods that read activations draw their
 # calibration rows from the train split with the run's seed (CALIBRATION_TOKENS tokens in rows of
 # the preset's seq_len), so for them the seed picks the calibration data as well as the uptraining
 # batch order.
@@ -147,7 +146,8 @@ def pretrain_config(preset: Preset, num_kv_heads: int, num_steps: int, data_cach
     scratch."""
     c = _config_module("pretrain").get_config()
     c.model.update(d_model=preset.d_model, num_layers=preset.num_layers,
-                   num_heads=preset.num_heads, num_kv_heads=num_kv_heads, mlp_dim=preset.mlp_dim)
+                   num_heads=preset.num_heads, mlp_dim=preset.mlp_dim)
+    c.num_kv_heads = num_kv_heads
     _common(c, preset, num_steps, data_cache)
     c.optimizer.warmup_steps = preset.pretrain_warmup_steps
     c.lock()
@@ -171,7 +171,7 @@ def uptrain_config(preset: Preset, init_checkpoint: str, num_steps: int, seed: i
 def source_model_config(preset: Preset) -> ModelConfig:
     """The MHA model every run descends from."""
     c = pretrain_config(preset, preset.num_heads, 1, "")
-    return ModelConfig.from_dict(c.model.to_dict())
+    return train.scratch_model_config(c)
 
 
 # ----------------------------------------------------------------------------- executing runs
@@ -335,26 +335,14 @@ class Suite:
     def run_convert(self, run: Run) -> None:
         start = time.perf_counter()
         p = self.preset
-        source = checkpoints.resolve(self.workdir(results.run_name("pretrain", p.num_heads,
-                                                                    "scratch", 0.0, 0)))
-        params, meta, _ = checkpoints.restore(source)
-        params = {k: np.asarray(v) for k, v in params.items()}
-        calib = {}
-        if merging.parse_method(run.method).needs_calibration:
-            rows = calibration.calibration_rows(
-                "byte", "stdlib", num_tokens=CALIBRATION_TOKENS, seq_len=p.seq_len, seed=run.seed)
-            calib = {"calib_tokens": rows["inputs"], "segment_ids": rows["segment_ids"],
-                     "positions": rows["positions"]}
-        params, config = calibration.convert_params_calibrated(
-            params, meta.model_config, run.num_kv_heads, run.method, seed=run.seed, **calib)
-        provenance = dict(meta.provenance)
-        provenance["init"] = {"converted_from": source, "method": run.method,
-                              "num_kv_heads_before": meta.model_config.num_kv_heads,
-                              "num_kv_heads": run.num_kv_heads, "seed": run.seed}
+        source = self.workdir(results.run_name("pretrain", p.num_heads, "scratch", 0.0, 0))
+        # The converter's own path (loading.load + loading.convert, its provenance); calibrated
+        # methods draw CALIBRATION_TOKENS of byte-level train-split rows, chosen by the run's seed.
         path = self._convert_checkpoint(run.num_kv_heads, run.method, run.seed)
-        checkpoints.save(path, params, checkpoints.Meta(
-            model_config=config, step=0, source_step=meta.step, provenance=provenance),
-            overwrite=True)
+        convert.convert_checkpoint(
+            source, path, run.num_kv_heads, run.method, run.seed, overwrite=True,
+            calibration=convert.CalibrationOptions(data="stdlib", num_tokens=CALIBRATION_TOKENS,
+                                                   seq_len=p.seq_len, tokenizer="byte"))
         loss = self._evaluate(path)
         self.finish(run, loss, time.perf_counter() - start)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from gqa_uptrain import heads
 from gqa_uptrain.attention_vjp import attention_vjp
 
 IMPLEMENTATIONS = ("auto", "reference", "xla", "einsum_vjp", "pallas", "cache")
@@ -21,17 +22,6 @@ KV_LAYOUTS = ("bskd", "bksd")
 # Masked logits get a large finite negative value rather than -inf so that a fully masked row (a
 # padding query) yields a uniform, finite distribution instead of NaN; such rows are never read.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-def q_per_kv(num_heads: int, num_kv_heads: int) -> int:
-    """Group size num_heads // num_kv_heads; raises ValueError naming both numbers if invalid."""
-    if num_kv_heads < 1 or num_heads < 1:
-        raise ValueError(
-            f"num_heads={num_heads} and num_kv_heads={num_kv_heads} must both be >= 1")
-    if num_heads % num_kv_heads:
-        raise ValueError(
-            f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}")
-    return num_heads // num_kv_heads
 
 
 def make_mask(
@@ -78,7 +68,7 @@ def reference_attention(q, k, v, mask=None, *, kv_layout="bskd"):
     """
     batch, seq_q, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2] if kv_layout == "bskd" else k.shape[1]
-    group = q_per_kv(num_heads, num_kv_heads)
+    group = heads.group_size(num_heads, num_kv_heads)
     out_dtype = q.dtype
     # Low-precision inputs are upcast: the reference is the ground truth (fp32 throughout), and XLA's
     # CPU dot has no bf16 x bf16 -> f32 kernel for some of these layouts ("DotThunk" error).
@@ -259,7 +249,7 @@ def attention(
     seq_axis, head_axis = (1, 2) if kv_layout == "bskd" else (2, 1)
     if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
         raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head_dim")
-    q_per_kv(q.shape[2], k.shape[head_axis])  # validates the head counts
+    heads.group_size(q.shape[2], k.shape[head_axis])  # validates the head counts
     if impl == "pallas":
         return _pallas_attention(q, k, v, causal=causal, segment_ids=segment_ids,
                                  q_offset=q_offset, kv_lengths=kv_lengths, kv_layout=kv_layout)

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from gqa_uptrain import attention as attention_lib
-from gqa_uptrain import merging, pooling
+from gqa_uptrain import heads, merging, pooling
 from gqa_uptrain import model as model_lib
 from gqa_uptrain.model import ModelConfig
 
@@ -279,7 +279,7 @@ def convert_params_calibrated(params: dict[str, Any], config: ModelConfig, num_k
                   num_kv_heads_after=num_kv_heads)
     if spec.is_pooling:
         return pooling.convert_params(params, config, num_kv_heads, spec.merge, seed)
-    pooling.check_num_kv_heads(config.num_kv_heads, num_kv_heads)
+    heads.pool_ratio(config.num_kv_heads, num_kv_heads)
     merging.check_layer_shapes(params, config)
     rows = None
     if spec.needs_calibration:

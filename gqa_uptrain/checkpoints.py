@@ -34,11 +34,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+# The layout's file names, and the complete-checkpoint test, live with the one format rule.
+from gqa_uptrain.formats import CHECKPOINTS_DIR, META_FILE, PARAMS_DIR, is_checkpoint
 from gqa_uptrain.model import ModelConfig, abstract_params, check_params_match
 
 FORMAT_VERSION = 1
-META_FILE = "meta.json"
-CHECKPOINTS_DIR = "checkpoints"
 TOKENIZER_FILE = "tokenizer.json"
 # A model whose vocabulary is this size and has no Hugging Face ancestor was trained here on bytes
 # (ids 0..255, the rest unused): the one rule for "byte-level without a record" (default_tokenizer).
@@ -79,14 +79,10 @@ class Meta:
         return cls(**d)
 
 
-def is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, META_FILE)) and os.path.isdir(
-        os.path.join(path, "params"))
-
-
 def read_meta(path: str) -> Meta:
     if not is_checkpoint(path):
-        raise CheckpointError(f"{path} is not a checkpoint of this project (no {META_FILE} + params/)")
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no {META_FILE} + "
+                              f"{PARAMS_DIR}/)")
     with open(os.path.join(path, META_FILE)) as f:
         return Meta.from_json(f.read())
 
@@ -154,7 +150,7 @@ def save(path: str, params: dict[str, Any], meta: Meta, opt_state: Any = None, *
     try:
         ckptr = ocp.StandardCheckpointer()
         # orbax refuses to write into an existing directory: give it fresh subpaths.
-        ckptr.save(os.path.join(tmp, "params"), params)
+        ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
         if opt_state is not None:
             ckptr.save(os.path.join(tmp, "opt_state"), flatten_tree(opt_state))
         ckptr.wait_until_finished()
@@ -223,7 +219,7 @@ def restore(path: str, *, expected_config: ModelConfig | None = None,
         diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
         raise CheckpointError(f"{path}: model config differs from the expected one "
                               f"(field: (expected, stored)) {diff}")
-    params = _restore_flat(os.path.join(path, "params"), abstract_params(meta.model_config),
+    params = _restore_flat(os.path.join(path, PARAMS_DIR), abstract_params(meta.model_config),
                            "params", param_shardings)
     opt_state = None
     if opt_state_target is not None:

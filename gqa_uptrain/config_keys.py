@@ -16,8 +16,8 @@ DESCRIPTIONS: dict[str, str] = {
     # --- where the params come from (train.py: resume > init_checkpoint > scratch)
     "init_checkpoint": "'' = train from scratch (config.model); else a checkpoint, a training "
                        "workdir (its latest checkpoint) or a Hugging Face folder to start from",
-    "num_kv_heads": "G, KV heads of the trained model; -1 = the init checkpoint's (or "
-                    "config.model's) own; fewer pools the init checkpoint's K/V heads",
+    "num_kv_heads": "G, KV heads of the trained model: -1 = MHA from scratch (num_heads), the "
+                    "init checkpoint's own otherwise; fewer pools the init checkpoint's K/V heads",
     "convert_method": "how K/V heads are pooled when num_kv_heads pools: mean | first | random",
     "convert_seed": "seed of convert_method='random'",
     "model": "the architecture for training from scratch; None = it comes from init_checkpoint",
@@ -25,8 +25,6 @@ DESCRIPTIONS: dict[str, str] = {
     "model.d_model": "width of the residual stream",
     "model.num_layers": "decoder blocks",
     "model.num_heads": "query heads per layer",
-    "model.num_kv_heads": "KV heads of the model built from scratch (the top-level "
-                          "num_kv_heads overrides it unless -1)",
     "model.mlp_dim": "hidden width of the SwiGLU MLP",
     "model.head_dim": "per-head width; None = d_model // num_heads",
     "model.rope_theta": "RoPE base frequency",

@@ -33,12 +33,11 @@ name table in hf.py.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from typing import Any
 
-from gqa_uptrain import hf, merging, pooling
+from gqa_uptrain import formats, heads, hf, loading, merging, pooling
 
 FORMATS = ("hf", "checkpoint")
 # Provenance entries a converted checkpoint keeps at the top level (see convert_checkpoint).
@@ -46,40 +45,8 @@ _CARRIED = ("tokenizer", "tokenizer_source", "data", "hf_config")
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 
-@dataclasses.dataclass(frozen=True)
-class CalibrationOptions:
-    """Where the calibration rows of 'similar' / 'fit' / 'fit_o' come from (calibration_rows).
-
-    data: 'stdlib' or comma-separated globs of local text/jsonl/parquet files (their train split);
-    tokenizer: 'auto' (the input's own: an HF folder's tokenizer.json, a checkpoint's recorded
-    tokenizer, else byte-level for a byte-sized vocabulary), 'byte', or a tokenizer.json path.
-    """
-
-    data: str = "stdlib"
-    num_tokens: int = 16384
-    seq_len: int = 256
-    tokenizer: str = "auto"
-
-    def __post_init__(self):
-        if self.seq_len < 1 or self.num_tokens < self.seq_len:
-            raise ValueError(f"calibration needs seq_len >= 1 and num_tokens >= seq_len; got "
-                             f"--calib_tokens={self.num_tokens} --calib_seq_len={self.seq_len}")
-
-
-def detect_format(path: str) -> str:
-    """'hf' for a folder with config.json, 'checkpoint' for this project's checkpoint or workdir."""
-    if not os.path.exists(path):
-        raise ValueError(f"input {path} does not exist")
-    if not os.path.isdir(path):
-        raise ValueError(f"input {path} is not a folder")
-    if os.path.isfile(os.path.join(path, hf.CONFIG_FILE)):
-        return "hf"
-    # Same test as checkpoints.is_checkpoint / list_steps, without importing jax for it.
-    if os.path.isfile(os.path.join(path, "meta.json")) or os.path.isdir(
-            os.path.join(path, "checkpoints")):
-        return "checkpoint"
-    raise ValueError(f"{path} has no config.json (not a Hugging Face folder) and is not a checkpoint "
-                     "(meta.json + params/) or workdir (checkpoints/) of this project")
+# The CLI's calibration flags (--calib_*), as loading.convert takes them.
+CalibrationOptions = loading.CalibrationOptions
 
 
 def _summary_from_config(config, num_kv_heads_after: int) -> dict[str, Any]:
@@ -89,38 +56,32 @@ def _summary_from_config(config, num_kv_heads_after: int) -> dict[str, Any]:
             "cache_dtype": config.dtype}
 
 
-def _load_and_convert(input_path, num_kv_heads, method, seed, calibration):
-    """Restores this project's checkpoint and converts it: (resolved path, input meta, new params,
-    new config, calibration provenance). G is checked against meta.json before any array is read."""
-    from gqa_uptrain import checkpoints  # noqa: PLC0415 (jax: only on this path)
-
-    resolved = checkpoints.resolve(input_path)
-    meta_in = checkpoints.read_meta(resolved)
-    pooling.check_num_kv_heads(meta_in.model_config.num_kv_heads, num_kv_heads)
-    calib_tokenizer = _checkpoint_tokenizer(resolved, meta_in, method, calibration)
-    resolved, params, meta_in = _restore(input_path)
-    new_params, new_config, calib = _convert_params(
-        params, meta_in.model_config, num_kv_heads, method, seed, calibration, calib_tokenizer)
-    return resolved, meta_in, new_params, new_config, calib
-
-
-def _restore(path: str):
-    from gqa_uptrain import checkpoints  # noqa: PLC0415 (jax: only on this path)
-
-    resolved = checkpoints.resolve(path)
-    try:
-        params, meta, _ = checkpoints.restore(resolved)
-    except checkpoints.CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 (orbax's errors on a damaged checkpoint are varied)
-        raise ValueError(f"cannot read checkpoint {resolved}: {type(e).__name__}: {e}") from None
-    return resolved, params, meta
+def _load_and_convert(input_path: str, num_kv_heads: int, method: str, seed: int,
+                      calibration: CalibrationOptions | None):
+    """loading.load + loading.convert, every in-memory path's prelude: (source, new params, new
+    config, conversion record). G and the calibration tokenizer are checked from the input's
+    config.json / meta.json before any array is read."""
+    source = loading.inspect(input_path)
+    heads.pool_ratio(source.config.num_kv_heads, num_kv_heads)
+    tokenizer = None
+    calibration = calibration or CalibrationOptions()
+    if merging.parse_method(method).needs_calibration and calibration.tokenizer == "auto":
+        tokenizer = source.require_tokenizer(
+            f"--calib_tokenizer=byte or a tokenizer.json path (for --method={method}'s "
+            "calibration data)")
+    params, config, source = loading.load(input_path)
+    new_params, new_config, record = loading.convert(
+        params, config, num_kv_heads, method, seed=seed, calibration=calibration,
+        tokenizer=tokenizer)
+    return source, new_params, new_config, record
 
 
-def _provenance(input_path: str, method: str, seed: int, before: int, after: int) -> dict[str, Any]:
-    return {"converted_from": os.path.abspath(input_path), "converter": hf.converter_version(),
-            "method": method, "seed": seed, "num_kv_heads_before": before,
-            "num_kv_heads_after": after}
+def _summary(source, num_kv_heads: int, record: dict[str, Any], **facts) -> dict[str, Any]:
+    """The facts main() formats: the conversion record and the model's KV numbers."""
+    extra = {k: v for k, v in record.items() if k not in ("converter", "num_kv_heads_before",
+                                                          "num_kv_heads_after")}
+    return {"input": source.path, "input_format": source.format, **extra, **facts,
+            **_summary_from_config(source.config, num_kv_heads)}
 
 
 def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int, method: str = "mean",
@@ -139,19 +100,18 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int, met
     calibration: for the methods that read activations (merging.METHODS), default
     CalibrationOptions().
     """
-    from gqa_uptrain import checkpoints  # noqa: PLC0415
+    from gqa_uptrain import checkpoints  # noqa: PLC0415 (jax: only on this path)
 
     merging.parse_method(method)
-    detect_format(input_path)
+    if formats.detect(input_path) != "checkpoint":
+        raise ValueError(f"{input_path} is not a checkpoint or workdir of this project")
     hf.check_output_path(input_path, output_path, overwrite)
-    resolved, meta_in, new_params, new_config, calib = _load_and_convert(
-        input_path, num_kv_heads, method, seed, calibration)
-    own = os.path.join(resolved, checkpoints.TOKENIZER_FILE)
+    source, new_params, new_config, record = _load_and_convert(input_path, num_kv_heads, method,
+                                                               seed, calibration)
+    meta_in = source.meta
+    own = os.path.join(source.path, checkpoints.TOKENIZER_FILE)
     own = own if os.path.isfile(own) else None
-    if own is not None:
-        checkpoints.tokenizer_spec(resolved, meta_in)  # its sha256 matches meta.json's
-    provenance = _provenance(resolved, method, seed, meta_in.model_config.num_kv_heads, num_kv_heads)
-    provenance.update(calib)
+    provenance = {"converted_from": source.path, **record}
     # What evaluate/train/export look up at the top level stays there: the tokenizer spec, the data
     # spec, the Hugging Face config the model came from.
     for key in _CARRIED:
@@ -166,43 +126,29 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int, met
                             source_step=meta_in.step + (meta_in.source_step or 0),
                             provenance=provenance)
     checkpoints.save(output_path, new_params, meta, overwrite=overwrite, tokenizer_file=own)
-    return {"input_format": "checkpoint", "output_format": "checkpoint", "input": resolved,
-            "method": method, "seed": seed, "source_step": meta.source_step, **calib,
-            **_summary_from_config(meta_in.model_config, num_kv_heads)}
+    return _summary(source, num_kv_heads, record, output_format="checkpoint",
+                    source_step=meta.source_step)
 
 
 def _hf_to_checkpoint(input_path, output_path, num_kv_heads, method, seed, overwrite, calibration):
     from gqa_uptrain import checkpoints  # noqa: PLC0415
 
-    hf_config = hf.read_hf_config(input_path)
     hf.check_output_path(input_path, output_path, overwrite)
-    pooling.check_num_kv_heads(hf.hf_layout(hf_config).num_kv_heads, num_kv_heads)
-    calib_tokenizer = _hf_tokenizer(input_path, method, calibration)
-    params, config = hf.load_hf_model(input_path)
-    new_params, new_config, calib = _convert_params(params, config, num_kv_heads, method, seed,
-                                                    calibration, calib_tokenizer)
-    provenance = _provenance(input_path, method, seed, config.num_kv_heads, num_kv_heads)
-    provenance.update(calib)
+    source, new_params, new_config, record = _load_and_convert(input_path, num_kv_heads, method,
+                                                               seed, calibration)
+    provenance = {"converted_from": source.path, **record}
     # Kept so that exporting after uptraining restores the original config's other fields
     # (token ids, rope layout, max_position_embeddings).
-    provenance["hf_config"] = dict(hf_config, num_key_value_heads=num_kv_heads)
+    provenance["hf_config"] = dict(source.hf_config, num_key_value_heads=num_kv_heads)
     # The folder's tokenizer.json is copied into the checkpoint (with its sha256 in meta.json), so
     # that train / evaluate / export use it after the folder is gone. Without one the checkpoint
     # records none: using it then needs an explicit tokenizer, never a silent byte-level one.
     meta = checkpoints.Meta(model_config=new_config, step=0, source_step=None,
                             provenance=provenance)
     checkpoints.save(output_path, new_params, meta, overwrite=overwrite,
-                     tokenizer_file=hf.tokenizer_path(input_path))
-    return {"input_format": "hf", "output_format": "checkpoint",
-            "architecture": hf_config["architectures"][0], "method": method, "seed": seed, **calib,
-            **_summary_from_config(config, num_kv_heads)}
-
-
-def _hf_base_config(provenance: dict[str, Any]) -> dict[str, Any] | None:
-    """checkpoints.hf_base_config: the Hugging Face config.json a checkpoint descends from."""
-    from gqa_uptrain import checkpoints  # noqa: PLC0415
-
-    return checkpoints.hf_base_config(provenance)
+                     tokenizer_file=source.tokenizer)
+    return _summary(source, num_kv_heads, record, output_format="checkpoint",
+                    architecture=source.hf_config["architectures"][0])
 
 
 def _export_tokenizer(tokenizer: str | None, path: str, meta) -> tuple[str | None, bool, str]:
@@ -254,131 +200,39 @@ def _tokenizer_folder(own: str, provenance: dict[str, Any], depth: int = 5) -> s
 
 def _checkpoint_to_hf(input_path, output_path, num_kv_heads, method, seed, overwrite, tokenizer,
                       calibration):
-    detect_format(input_path)
+    from gqa_uptrain import checkpoints  # noqa: PLC0415
+
     hf.check_output_path(input_path, output_path, overwrite)
     if tokenizer is not None and not os.path.exists(tokenizer):
         raise ValueError(f"tokenizer {tokenizer} does not exist")
-    resolved, meta_in, new_params, new_config, calib = _load_and_convert(
-        input_path, num_kv_heads, method, seed, calibration)
-    base = _hf_base_config(meta_in.provenance)
-    tokenizer, byte_tokenizer, tokenizer_note = _export_tokenizer(tokenizer, resolved, meta_in)
-    provenance = _provenance(resolved, method, seed, meta_in.model_config.num_kv_heads,
-                             num_kv_heads)
-    provenance["source"] = {"step": meta_in.step, "source_step": meta_in.source_step}
-    provenance.update(calib)
+    source, new_params, new_config, record = _load_and_convert(input_path, num_kv_heads, method,
+                                                               seed, calibration)
+    meta_in = source.meta
+    base = checkpoints.hf_base_config(meta_in.provenance)
+    tokenizer, byte_tokenizer, tokenizer_note = _export_tokenizer(tokenizer, source.path, meta_in)
+    provenance = {"converted_from": source.path, **record,
+                  "source": {"step": meta_in.step, "source_step": meta_in.source_step}}
     hf.export_hf(new_params, new_config, output_path, tokenizer_folder=tokenizer,
                  base_hf_config=base, byte_tokenizer=byte_tokenizer, provenance=provenance,
                  overwrite=overwrite)
-    return {"input_format": "checkpoint", "output_format": "hf", "input": resolved,
-            "method": method, "seed": seed, "tokenizer": tokenizer_note, **calib,
-            **_summary_from_config(meta_in.model_config, num_kv_heads)}
-
-
-# ----------------------------------------------------------------------------- calibrated methods
-
-
-def _hf_tokenizer(folder: str, method: str, calibration: CalibrationOptions | None) -> str | None:
-    """The tokenizer spec for an HF folder's calibration rows (None when the method needs none)."""
-    if not merging.parse_method(method).needs_calibration:
-        return None
-    calibration = calibration or CalibrationOptions()
-    if calibration.tokenizer != "auto":
-        return calibration.tokenizer
-    tok = hf.tokenizer_path(folder)
-    if tok is None:
-        raise ValueError(f"{folder} has no tokenizer.json to tokenize the calibration data of "
-                         f"--method={method} with (pass --calib_tokenizer=byte or a path)")
-    return tok
-
-
-def _checkpoint_tokenizer(path: str, meta, method: str, calibration: CalibrationOptions | None
-                          ) -> str | None:
-    """The tokenizer spec for a checkpoint's calibration rows: --calib_tokenizer, else its own
-    (checkpoints.default_tokenizer, the rule evaluate / train / export use)."""
-    from gqa_uptrain import checkpoints  # noqa: PLC0415
-
-    if not merging.parse_method(method).needs_calibration:
-        return None
-    calibration = calibration or CalibrationOptions()
-    if calibration.tokenizer != "auto":
-        return calibration.tokenizer
-    spec = checkpoints.default_tokenizer(path, meta)
-    if spec is None:
-        raise ValueError(checkpoints.no_tokenizer_message(
-            path, meta, f"--calib_tokenizer=byte or a tokenizer.json path (for --method={method}'s "
-            "calibration data)"))
-    return spec
-
-
-def _convert_params(params, config, num_kv_heads, method, seed, calibration, tokenizer
-                    ) -> tuple[dict[str, Any], Any, dict[str, Any]]:
-    """Pools (pooling.py) or, for the other methods, converts in memory (calibration.py).
-    Returns (params, config, what to add to the summary and provenance)."""
-    spec = merging.parse_method(method)
-    if spec.is_pooling:
-        new_params, new_config = pooling.convert_params(params, config, num_kv_heads, method, seed)
-        return new_params, new_config, {}
-    from gqa_uptrain import calibration as calibration_lib  # noqa: PLC0415 (jax)
-
-    info: dict[str, Any] = {"in_memory": True}
-    rows = {}
-    if spec.needs_calibration:
-        calibration = calibration or CalibrationOptions()
-        rows = calibration_lib.calibration_rows(tokenizer, calibration.data,
-                                                calibration.num_tokens, calibration.seq_len, seed)
-        info["calibration"] = {"data": calibration.data, "num_tokens": int(rows["inputs"].size),
-                               "seq_len": calibration.seq_len, "tokenizer": tokenizer,
-                               "seed": seed, "split": "train"}
-    report: dict[str, Any] = {}
-    new_params, new_config = calibration_lib.convert_params_calibrated(
-        params, config, num_kv_heads, method, seed=seed, report=report,
-        calib_tokens=rows.get("inputs"), segment_ids=rows.get("segment_ids"),
-        positions=rows.get("positions"))
-    layers = report.get("layers", [])
-    costs = [l["group_cost"] for l in layers if l.get("group_cost")]
-    if costs:
-        info["group_cost"] = [sum(c["contiguous"] for c in costs), sum(c["chosen"] for c in costs)]
-        info["kv_perms"] = [l["kv_perm"] for l in layers]
-    fits = [l for l in layers if "objective_fit" in l]
-    if fits:
-        info["k_objective"] = [sum(l["objective_mean"] for l in fits),
-                               sum(l["objective_fit"] for l in fits)]
-    if report.get("calibration_fallback"):
-        info["calibration_fallback"] = report["calibration_fallback"]
-    return new_params, new_config, info
+    return _summary(source, num_kv_heads, record, output_format="hf", tokenizer=tokenizer_note)
 
 
 def _hf_to_hf_in_memory(input_path, output_path, num_kv_heads, method, seed, overwrite,
                         calibration):
     """HF -> HF for the methods that need the whole model: import, convert, export (config.json
     rebuilt from the input's, which keeps every field it does not set; tokenizer files copied)."""
-    hf_config = hf.read_hf_config(input_path)
     hf.check_output_path(input_path, output_path, overwrite)
-    layout = hf.hf_layout(hf_config)
-    pooling.check_num_kv_heads(layout.num_kv_heads, num_kv_heads)
-    tokenizer = _hf_tokenizer(input_path, method, calibration)
-    params, config = hf.load_hf_model(input_path)
-    new_params, new_config, calib = _convert_params(params, config, num_kv_heads, method, seed,
-                                                    calibration, tokenizer)
-    provenance = _provenance(input_path, method, seed, config.num_kv_heads, num_kv_heads)
-    provenance.update(calib)
-    has_tokenizer = any(os.path.isfile(os.path.join(input_path, f))
+    source, new_params, new_config, record = _load_and_convert(input_path, num_kv_heads, method,
+                                                               seed, calibration)
+    has_tokenizer = any(os.path.isfile(os.path.join(source.path, f))
                         for f in hf.TOKENIZER_FILES if f != "generation_config.json")
     hf.export_hf(new_params, new_config, output_path,
-                 tokenizer_folder=input_path if has_tokenizer else None,
-                 base_hf_config=hf_config, byte_tokenizer=False, provenance=provenance,
-                 overwrite=overwrite)
-    return {"input_format": "hf", "output_format": "hf", "architecture": layout.architecture,
-            "method": method, "seed": seed, **calib, **_summary_from_config(config, num_kv_heads)}
-
-
-def current_num_kv_heads(input_path: str, input_format: str) -> int:
-    """The input's KV heads, from its config.json or meta.json (no array is read)."""
-    if input_format == "hf":
-        return hf.hf_layout(hf.read_hf_config(input_path)).num_kv_heads
-    from gqa_uptrain import checkpoints  # noqa: PLC0415 (jax: only on this path)
-
-    return checkpoints.read_meta(checkpoints.resolve(input_path)).model_config.num_kv_heads
+                 tokenizer_folder=source.path if has_tokenizer else None,
+                 base_hf_config=source.hf_config, byte_tokenizer=False,
+                 provenance={"converted_from": source.path, **record}, overwrite=overwrite)
+    return _summary(source, num_kv_heads, record, output_format="hf",
+                    architecture=hf.hf_layout(source.hf_config).architecture)
 
 
 def convert(input_path: str, output_path: str, num_kv_heads: int | None = None,
@@ -395,16 +249,18 @@ def convert(input_path: str, output_path: str, num_kv_heads: int | None = None,
     spec = merging.parse_method(method)
     if output_format not in ("auto",) + FORMATS:
         raise ValueError(f"output_format={output_format!r} is not one of auto, {', '.join(FORMATS)}")
-    input_format = detect_format(input_path)
-    if num_kv_heads is None:
-        num_kv_heads = current_num_kv_heads(input_path, input_format)
+    input_format = formats.detect(input_path)
+    streaming = input_format == "hf" and output_format in ("auto", "hf") and spec.is_pooling
+    if num_kv_heads is None:  # the current count, from config.json / meta.json (no array read)
+        num_kv_heads = (hf.hf_layout(hf.read_hf_config(input_path)).num_kv_heads if streaming
+                        else loading.inspect(input_path).config.num_kv_heads)
     out_format = input_format if output_format == "auto" else output_format
     if tokenizer is not None and out_format != "hf":
         raise ValueError("--tokenizer applies only to a Hugging Face output")
     if input_format == "hf" and out_format == "hf":
         if tokenizer is not None:
             raise ValueError("--tokenizer does not apply to hf -> hf (the input's tokenizer is copied)")
-        if spec.is_pooling:
+        if streaming:  # one tensor at a time, no jax (hf.py)
             summary = hf.convert_hf_folder(input_path, output_path, num_kv_heads, method, seed,
                                            overwrite=overwrite)
         else:

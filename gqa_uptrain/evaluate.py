@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gqa_uptrain import checkpoints, data, hf
+from gqa_uptrain import data, loading
 from gqa_uptrain.model import ModelConfig, Transformer
 
 # Without a recorded training length (a Hugging Face folder), windows are this long.
@@ -119,56 +119,6 @@ def scored_tokens(stream: data.TokenStream, seq_len: int, max_windows: int = -1)
     return stream.tokens[:end][keep]
 
 
-# ----------------------------------------------------------------------------- loading models
-
-
-def is_hf_folder(path: str) -> bool:
-    """A folder with config.json that is not a checkpoint or workdir of this project."""
-    return (os.path.isfile(os.path.join(path, "config.json")) and not checkpoints.is_checkpoint(path)
-            and not os.path.isdir(os.path.join(path, checkpoints.CHECKPOINTS_DIR)))
-
-
-def model_tokenizer(path: str, meta: checkpoints.Meta | None = None, *,
-                    key: str = "--tokenizer=PATH/tokenizer.json") -> str:
-    """The tokenizer spec that belongs to a model: an HF folder's tokenizer.json; a checkpoint's
-    own (checkpoints.default_tokenizer: its tokenizer.json, the recorded 'byte' or path, or
-    byte-level for a model trained here on bytes). Raises DataError naming `key` (the flag or
-    config key to set) when there is none: a model is never given the byte tokenizer silently."""
-    if is_hf_folder(path):
-        found = hf.tokenizer_path(path)
-        if found is None:
-            raise data.DataError(f"{path} has no tokenizer.json; set {key}")
-        return found
-    path = checkpoints.resolve(path)
-    meta = meta or checkpoints.read_meta(path)
-    spec = checkpoints.default_tokenizer(path, meta)
-    if spec is None:
-        raise data.DataError(checkpoints.no_tokenizer_message(path, meta, key))
-    return spec
-
-
-def load_model(path: str, tokenizer: str = "") -> tuple[dict[str, Any], ModelConfig, dict[str, Any]]:
-    """(params (host or device arrays), ModelConfig, info) of a project checkpoint/workdir or an
-    HF folder. info: {'kind', 'path', 'tokenizer', 'data' (a DataSpec dict or None), 'step'};
-    info['tokenizer'] is `tokenizer` when given ('byte' or a tokenizer.json path), else the
-    model's own (model_tokenizer), looked up before any array is read."""
-    if tokenizer and tokenizer != "byte":
-        tokenizer = os.path.abspath(tokenizer)
-    if is_hf_folder(path):
-        tokenizer = tokenizer or model_tokenizer(path)
-        params, config = hf.load_hf_model(path)
-        return params, config, {"kind": "hf", "path": os.path.abspath(path),
-                                "tokenizer": tokenizer, "data": None, "step": None}
-    resolved = checkpoints.resolve(path)
-    meta = checkpoints.read_meta(resolved)
-    tokenizer = tokenizer or model_tokenizer(resolved, meta)
-    params, meta, _ = checkpoints.restore(resolved)
-    provenance = meta.provenance or {}
-    return params, meta.model_config, {
-        "kind": "checkpoint", "path": os.path.abspath(resolved), "tokenizer": tokenizer,
-        "data": provenance.get("data"), "step": meta.step}
-
-
 def default_data_spec(tokenizer: str, seq_len: int) -> data.DataSpec:
     """The stdlib corpus with the trainer's default split (used when a model records none)."""
     return data.DataSpec(source="stdlib", path="", val_path="", hf_name="", hf_config="",
@@ -179,9 +129,16 @@ def default_data_spec(tokenizer: str, seq_len: int) -> data.DataSpec:
 def evaluate_model(path: str, *, text_file: str = "", seq_len: int = 0, batch_size: int = 8,
                    max_batches: int = -1, implementation: str = "auto",
                    cache_dir: str = "", tokenizer: str = "") -> dict[str, Any]:
-    """Loss / perplexity / tokens of the model at `path` on text_file or its validation split.
-    tokenizer: 'byte' or a tokenizer.json path; default the model's own (model_tokenizer)."""
-    params, config, info = load_model(path, tokenizer)
+    """Loss / perplexity / tokens of the model at `path` (anything loading.load reads) on
+    text_file or its validation split. tokenizer: 'byte' or a tokenizer.json path; default the
+    model's own (loading.Source.tokenizer), checked before any array is read."""
+    if tokenizer and tokenizer != "byte":
+        tokenizer = os.path.abspath(tokenizer)
+    tokenizer = tokenizer or loading.inspect(path).require_tokenizer(
+        "--tokenizer=PATH/tokenizer.json")
+    params, config, source = loading.load(path)
+    info = {"path": source.path, "step": source.step, "tokenizer": tokenizer,
+            "data": source.provenance.get("data")}
     tokenizer = data.load_tokenizer(info["tokenizer"])
     if tokenizer.vocab_size > config.vocab_size:
         raise data.DataError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids; the "

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from gqa_uptrain import pooling
+from gqa_uptrain import formats, heads, pooling
 from gqa_uptrain.safetensors_io import (DTYPE_NAMES, DTYPE_SIZES, SafetensorsWriter, TensorInfo,
                                         numpy_dtype, read_safetensors_header, read_tensor,
                                         safetensors_dtype, verify_safetensors)
@@ -60,7 +60,7 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
-CONFIG_FILE = "config.json"
+CONFIG_FILE = formats.HF_CONFIG_FILE
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PROVENANCE_FILE = "gqa_conversion.json"
@@ -78,18 +78,12 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 # ============================================================================ folders and paths
 
 
-def _check_is_hf_folder(folder: str) -> None:
-    if not os.path.exists(folder):
-        raise ValueError(f"input {folder} does not exist")
-    if not os.path.isdir(folder):
-        raise ValueError(f"input {folder} is not a folder")
-    if not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
-        raise ValueError(f"{folder} has no {CONFIG_FILE}: not a Hugging Face model folder")
-
-
 def read_hf_config(folder: str) -> dict[str, Any]:
-    """config.json as a dict (ValueError if absent or not JSON)."""
-    _check_is_hf_folder(folder)
+    """config.json as a dict (ValueError if the folder is not a Hugging Face folder or its
+    config.json not a JSON object)."""
+    if formats.detect(folder) != "hf":
+        raise formats.FormatError(f"{folder} is not a Hugging Face folder (no {CONFIG_FILE}, or it "
+                                  "is a checkpoint or workdir of this project)")
     path = os.path.join(folder, CONFIG_FILE)
     try:
         with open(path) as f:
@@ -263,16 +257,6 @@ def _write_json(path: str, obj: Any) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
-
-
-def converter_version() -> str:
-    """What provenance records as the converter: the installed package's version."""
-    try:
-        from importlib.metadata import version  # noqa: PLC0415
-
-        return f"gqa_uptrain {version('gqa_uptrain')}"
-    except Exception:  # noqa: BLE001 (not installed: running from a source tree)
-        return "gqa_uptrain (source tree)"
 
 
 # ============================================================================ the layout table
@@ -471,9 +455,10 @@ def hf_layout(config: dict[str, Any]) -> HFLayout:
         head_dim = d_model // num_heads
     else:
         head_dim = _int_field(config, "head_dim")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"config.json: num_attention_heads={num_heads} is not divisible by "
-                         f"num_key_value_heads={num_kv_heads}")
+    try:
+        heads.group_size(num_heads, num_kv_heads)
+    except ValueError as e:  # said in config.json's own terms
+        raise ValueError(f"config.json: num_attention_heads / num_key_value_heads: {e}") from None
     family = SUPPORTED_ARCHITECTURES[arch]
     attention_bias = bool(config.get("attention_bias", False)) if family == "llama" else False
     return HFLayout(
@@ -551,7 +536,7 @@ def convert_hf_folder(input_folder: str, output_folder: str, num_kv_heads: int,
     config = read_hf_config(input_folder)
     check_output_path(input_folder, output_folder, overwrite)
     layout = hf_layout(config)
-    pooling.check_num_kv_heads(layout.num_kv_heads, num_kv_heads)
+    heads.pool_ratio(layout.num_kv_heads, num_kv_heads)
     tensors, files, index_meta = weight_tensors(input_folder)
     dropped = check_tensors(tensors, layout)
     kv = {t.hf: t for t in layout.kv_tensors()}
@@ -619,15 +604,9 @@ def convert_hf_folder(input_folder: str, output_folder: str, num_kv_heads: int,
             else:
                 shutil.copy2(src, os.path.join(tmp, entry))
                 copied.append(entry)
-        provenance = {
-            "converted_from": os.path.abspath(input_folder),
-            "converter": converter_version(),
-            "method": method,
-            "seed": seed,
-            "num_kv_heads_before": layout.num_kv_heads,
-            "num_kv_heads_after": num_kv_heads,
-            "dropped_tensors": dropped,
-        }
+        provenance = {"converted_from": os.path.abspath(input_folder),
+                      **pooling.conversion_record(method, seed, layout.num_kv_heads, num_kv_heads),
+                      "dropped_tensors": dropped}
         if previous is not None:
             provenance["previous"] = previous
         _write_json(os.path.join(tmp, PROVENANCE_FILE), provenance)

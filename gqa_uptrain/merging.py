@@ -79,7 +79,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gqa_uptrain import pooling
+from gqa_uptrain import heads, pooling
 
 if TYPE_CHECKING:  # model.py imports jax; this module must not (convert.py validates methods with it).
     from gqa_uptrain.model import ModelConfig
@@ -271,7 +271,7 @@ def balanced_groups(dist: np.ndarray, num_groups: int) -> np.ndarray:
     """
     dist = np.asarray(dist, np.float64)
     num = dist.shape[0]
-    pooling.check_num_kv_heads(num, num_groups)
+    heads.pool_ratio(num, num_groups)
     contiguous = np.arange(num).reshape(num_groups, -1)
     best = canonical_groups(_swap_refine(dist, contiguous))
     greedy = canonical_groups(_swap_refine(dist, _greedy_groups(dist, num_groups)))

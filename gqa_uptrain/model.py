@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from gqa_uptrain import attention as attention_lib
+from gqa_uptrain import heads
 from gqa_uptrain import xla_cpu
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -58,7 +59,7 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "num_layers", "mlp_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        attention_lib.q_per_kv(self.num_heads, self.num_kv_heads)
+        heads.group_size(self.num_heads, self.num_kv_heads)
         if self.head_dim is None:
             if self.d_model % self.num_heads:
                 raise ValueError(f"d_model={self.d_model} is not divisible by "

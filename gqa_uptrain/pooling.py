@@ -1,7 +1,7 @@
 """Pooling K/V heads: multi-head (or grouped) attention -> fewer KV heads, as pure numpy functions.
 
 The paper's method (Ainslie et al. 2023, arXiv 2305.13245): split the K key heads of a layer into
-num_kv_heads contiguous groups of q_per_kv = K // num_kv_heads heads and replace each group by the mean
+num_kv_heads contiguous groups of r = K // num_kv_heads heads (heads.pool_ratio) and replace each group by the mean
 of its members; same for the value heads. Query and output projections are untouched. Grouping is
 contiguous, as everywhere in this codebase: new KV head j pools old heads j*r .. j*r+r-1, so query head
 n, which read old KV head n // (N // K), now reads new KV head n // (N // num_kv_heads) — the group
@@ -19,7 +19,7 @@ on one tensor at a time. Arithmetic is in float32, or float64 for float64 tensor
 cast back to the input's dtype (bfloat16 through ml_dtypes, round to nearest even).
 
 New methods register in _POOLERS; a method gets the tensor with the head axis moved to the front,
-viewed as [num_kv_heads, q_per_kv, ...], and returns [num_kv_heads, ...].
+viewed as [num_kv_heads, pool_ratio, ...], and returns [num_kv_heads, ...].
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import zlib
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+
+from gqa_uptrain import heads
 
 if TYPE_CHECKING:  # model.py imports jax; this module must not (the HF -> HF path is jax-free).
     from gqa_uptrain.model import ModelConfig
@@ -42,19 +44,22 @@ _KV_PARAM = re.compile(r"^layers\.(\d+)\.attn\.(k_proj|v_proj|k_bias|v_bias)$")
 _KV_HEAD_AXIS = {"k_proj": 1, "v_proj": 1, "k_bias": 0, "v_bias": 0}
 
 
-def check_num_kv_heads(current: int, num_kv_heads: int) -> int:
-    """Validates a pooling target; returns q_per_kv = current // num_kv_heads (heads per new group).
+def converter_version() -> str:
+    """This package's version, recorded by every conversion."""
+    try:
+        from importlib.metadata import version  # noqa: PLC0415
 
-    Raises ValueError naming both numbers if num_kv_heads < 1, > current, or does not divide current.
-    """
-    if num_kv_heads < 1:
-        raise ValueError(f"num_kv_heads={num_kv_heads} must be >= 1 (the model has {current} KV heads)")
-    if num_kv_heads > current:
-        raise ValueError(f"num_kv_heads={num_kv_heads} is more than the model's {current} KV heads "
-                         "(pooling can only reduce them)")
-    if current % num_kv_heads:
-        raise ValueError(f"num_kv_heads={num_kv_heads} does not divide the model's {current} KV heads")
-    return current // num_kv_heads
+        return f"gqa_uptrain {version('gqa_uptrain')}"
+    except Exception:  # noqa: BLE001 (not installed: running from a source tree)
+        return "gqa_uptrain (source tree)"
+
+
+def conversion_record(method: str, seed: int, num_kv_heads_before: int,
+                      num_kv_heads_after: int) -> dict[str, Any]:
+    """What every conversion records about itself (a checkpoint's or HF folder's provenance):
+    the converter's version, the method and its seed, the KV heads before and after."""
+    return {"converter": converter_version(), "method": method, "seed": seed,
+            "num_kv_heads_before": num_kv_heads_before, "num_kv_heads_after": num_kv_heads_after}
 
 
 def _compute_dtype(dtype: np.dtype) -> np.dtype:
@@ -112,11 +117,11 @@ def pool_kv_heads(w: np.ndarray, num_kv_heads: int, method: str = "mean", *, hea
     w = np.asarray(w)
     head_axis = head_axis % w.ndim
     num_heads = w.shape[head_axis]
-    q_per_kv = check_num_kv_heads(num_heads, num_kv_heads)
+    ratio = heads.pool_ratio(num_heads, num_kv_heads)
     if is_bias is None:
         is_bias = w.ndim <= 2 and head_axis == 0
     front = np.moveaxis(w, head_axis, 0)
-    grouped = front.reshape((num_kv_heads, q_per_kv) + front.shape[1:])  # [G, r, ...]
+    grouped = front.reshape((num_kv_heads, ratio) + front.shape[1:])  # [G, r, ...]
     pooled = _POOLERS[method](grouped, seed=seed, init_std=init_std, is_bias=is_bias)  # [G, ...]
     return np.ascontiguousarray(np.moveaxis(pooled.astype(w.dtype), 0, head_axis))
 
@@ -145,7 +150,7 @@ def convert_params(params: dict[str, Any], config: "ModelConfig", num_kv_heads: 
     """
     if method not in _POOLERS:
         raise ValueError(f"method={method!r} is not one of {METHODS}")
-    check_num_kv_heads(config.num_kv_heads, num_kv_heads)
+    heads.pool_ratio(config.num_kv_heads, num_kv_heads)
     new_config = config.replace(num_kv_heads=num_kv_heads)
     init_std = 1.0 / math.sqrt(config.d_model)
     out = {}

@@ -6,10 +6,10 @@
 
 Initialisation, in this order (train_and_evaluate, _new_run):
   1. resume: the workdir's latest complete checkpoint (params, optimizer state, step). The workdir's
-     saved train_config.json must agree with the command's config (except `mesh` and `progress_bar`,
-     which do not change the computation's meaning), else an error.
+     saved train_config.json must agree with the command's config except for the changes listed
+     below ("Resume with a changed config"), else an error.
   2. config.init_checkpoint: a checkpoint or workdir of this project, or a Hugging Face folder;
-     its K/V heads are pooled to config.num_kv_heads on the fly (pooling.convert_params; -1 keeps
+     its K/V heads are pooled to config.num_kv_heads on the fly (loading.convert; -1 keeps
      the source's heads); the optimizer starts fresh.
   3. scratch: config.model, initialised from config.seed.
 
@@ -54,7 +54,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from gqa_uptrain import checkpoints, config_keys, data, evaluate, hf, optim, pooling, sharding
+from gqa_uptrain import checkpoints, config_keys, data, evaluate, loading, optim, sharding
 from gqa_uptrain.model import ModelConfig, Transformer, abstract_params, get_params
 
 CONFIG_FILE = "train_config.json"  # not config.json: that name marks a Hugging Face folder
@@ -307,44 +307,36 @@ def _data_spec(config, workdir: str) -> data.DataSpec:
     return data.DataSpec.from_dict(d)
 
 
-def _source_steps(meta: checkpoints.Meta) -> int:
-    """Steps of the pretraining run a checkpoint descends from: the recorded source step of a
-    converted/uptrained checkpoint, else the checkpoint's own step."""
-    return meta.source_step if meta.source_step is not None else meta.step
-
-
 def _load_init_checkpoint(config) -> tuple[dict[str, Any], ModelConfig, dict[str, Any]]:
-    """(host params, ModelConfig, run info) from config.init_checkpoint, pooled when asked."""
-    path = config.init_checkpoint
-    if not os.path.exists(path):
-        raise TrainError(f"config.init_checkpoint={path!r} does not exist")
-    # data.tokenizer='auto': the source's own tokenizer (evaluate.model_tokenizer), looked up
-    # before any array is read; none (no tokenizer.json, not a byte-level model trained here) is an
-    # error naming the key to set, never a silent byte-level tokenizer.
-    key = "--config.data.tokenizer=PATH/tokenizer.json"
-    auto = config.data.tokenizer == "auto"
-    if evaluate.is_hf_folder(path):
-        tokenizer = evaluate.model_tokenizer(path, key=key) if auto else None
-        params, model_config = hf.load_hf_model(path)
-        source_step, init = None, {"hf_folder": os.path.abspath(path)}
-    else:
-        resolved = checkpoints.resolve(path)
-        meta = checkpoints.read_meta(resolved)
-        tokenizer = evaluate.model_tokenizer(resolved, meta, key=key) if auto else None
-        params, meta, _ = checkpoints.restore(resolved)
-        params = {k: np.asarray(v) for k, v in params.items()}
-        model_config = meta.model_config
-        source_step = _source_steps(meta)
-        init = {"checkpoint": os.path.abspath(resolved), "checkpoint_step": meta.step}
+    """(host params, ModelConfig, run info) from config.init_checkpoint (loading.load), converted
+    to config.num_kv_heads when it is not -1 (loading.convert)."""
+    what = "config.init_checkpoint"
+    # data.tokenizer='auto': the source's own tokenizer, looked up before any array is read; none
+    # (no tokenizer.json, not a byte-level model trained here) is an error naming the key to set,
+    # never a silent byte-level tokenizer.
+    tokenizer = None
+    if config.data.tokenizer == "auto":
+        tokenizer = loading.inspect(config.init_checkpoint, what).require_tokenizer(
+            "--config.data.tokenizer=PATH/tokenizer.json")
+    params, model_config, source = loading.load(config.init_checkpoint, what=what)
+    params = {k: np.asarray(v) for k, v in params.items()}
+    init = ({"hf_folder": source.path} if source.format == "hf" else
+            {"checkpoint": source.path, "checkpoint_step": source.step})
     if config.num_kv_heads != -1:  # also when equal: method='random' then re-draws K/V
-        before = model_config.num_kv_heads
-        params, model_config = pooling.convert_params(
-            params, model_config, config.num_kv_heads, method=config.convert_method,
+        params, model_config, record = loading.convert(
+            params, model_config, config.num_kv_heads, config.convert_method,
             seed=config.convert_seed)
-        init.update(converted={"num_kv_heads_before": before, "num_kv_heads": config.num_kv_heads,
-                               "method": config.convert_method, "seed": config.convert_seed})
-    return params, model_config, {"init": init, "source_step": source_step,
+        init["converted"] = record
+    return params, model_config, {"init": init, "source_step": source.source_step,
                                   "auto_tokenizer": tokenizer}
+
+
+def scratch_model_config(config) -> ModelConfig:
+    """The model a config trains from scratch: config.model with config.num_kv_heads KV heads
+    (the one dial for G; -1 = num_heads, MHA)."""
+    model = config.model.to_dict()
+    return ModelConfig.from_dict({**model, "num_kv_heads": (
+        model["num_heads"] if config.num_kv_heads == -1 else config.num_kv_heads)})
 
 
 def _new_run(config) -> tuple[dict[str, Any] | None, dict[str, Any]]:
@@ -356,9 +348,7 @@ def _new_run(config) -> tuple[dict[str, Any] | None, dict[str, Any]]:
             raise TrainError("config.init_checkpoint is empty and config.model is None: set "
                              "--config.init_checkpoint=PATH (a checkpoint, workdir or Hugging "
                              "Face folder) or train from scratch with a config.model")
-        model_config = ModelConfig.from_dict(config.model.to_dict())
-        if config.num_kv_heads not in (-1, model_config.num_kv_heads):
-            model_config = model_config.replace(num_kv_heads=config.num_kv_heads)
+        model_config = scratch_model_config(config)
         params, info = None, {"init": {"scratch_seed": config.seed}, "source_step": None,
                               "auto_tokenizer": None}
     num_steps = _num_steps(config, info["source_step"],
@@ -602,7 +592,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
             for step in range(start_step, num_steps):
                 if step == start_step:
                     stop.sync()
-                if stop.received:  # before this run's first step (set-up, compilation)
+                if step == start_step and stop.received:  # during set-up or the first eval
                     _log(f"{stop.received}: stopped before step {step + 1} of {num_steps}; no "
                          "step was taken, nothing to save")
                     final = {"stopped_by": stop.received, "step": step}
@@ -614,12 +604,15 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
                     _check_finite(*pending, workdir)
                 pending = (s, step_metrics)
                 stop.sync()
+                # Read once: a signal arriving later in this iteration is handled after the next
+                # step (it must not print "saved" for a step whose save was not scheduled).
+                stopping = stop.received
                 is_last = s == num_steps
                 do_log = s % config.log_every == 0 or is_last
                 periodic_eval = config.eval_every > 0 and s % config.eval_every == 0
                 final_eval = is_last and config.final_eval_batches != 0
                 do_eval = periodic_eval or final_eval
-                do_save = (is_last or stop.received is not None or
+                do_save = (is_last or stopping is not None or
                            (config.checkpoint_every > 0 and s % config.checkpoint_every == 0))
                 record: dict[str, Any] = {}
                 if do_log or do_eval or do_save:
@@ -656,10 +649,10 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
                          f"val loss {record['val/loss']:.4f} ({record['val/tokens']:,} tokens)")
                 if is_last:
                     final = {"step": s, **record}
-                if stop.received and not is_last:
-                    _log(f"{stop.received}: saved a checkpoint at step {s} of {num_steps}; "
+                if stopping and not is_last:
+                    _log(f"{stopping}: saved a checkpoint at step {s} of {num_steps}; "
                          "rerun the same command to resume")
-                    final = {"stopped_by": stop.received, "step": s}
+                    final = {"stopped_by": stopping, "step": s}
                     break
             else:
                 if start_step >= num_steps:

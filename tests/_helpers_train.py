@@ -17,7 +17,7 @@ UPTRAIN = os.path.join(REPO, "configs", "uptrain.py")
 
 # A model small enough that compilation, not compute, is the cost: 1 layer, d_model 32.
 TINY = {
-    "model.d_model": 32, "model.num_layers": 1, "model.num_heads": 4, "model.num_kv_heads": 4,
+    "model.d_model": 32, "model.num_layers": 1, "model.num_heads": 4,
     "model.mlp_dim": 64, "data.seq_len": 32, "batch_size": 4, "num_steps": 6,
     "optimizer.warmup_steps": 2, "log_every": 1, "eval_every": 3, "eval_batches": 1,
     "final_eval_batches": 2, "checkpoint_every": 2, "keep_checkpoints": 2,

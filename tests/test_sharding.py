@@ -14,7 +14,7 @@ from gqa_uptrain import sharding, train
 from gqa_uptrain.model import ModelConfig, abstract_params
 
 # num_kv_heads=1 < tensor=2: the K/V projections must be replicated over `tensor`.
-OVERRIDES = {"model.num_kv_heads": 1, "num_steps": 3, "checkpoint_every": 0, "eval_every": 0,
+OVERRIDES = {"num_kv_heads": 1, "num_steps": 3, "checkpoint_every": 0, "eval_every": 0,
              "final_eval_batches": 1, "log_every": 1}
 
 
