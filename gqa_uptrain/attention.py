@@ -10,18 +10,19 @@ K/V are never repeated up to num_heads; the query is reshaped to [b, t, k, g, d]
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 
 from gqa_uptrain import heads
 from gqa_uptrain.attention_vjp import attention_vjp
+from gqa_uptrain.masking import mask_value
 
-IMPLEMENTATIONS = ("auto", "reference", "xla", "einsum_vjp", "pallas", "cache")
+MODES = ("train", "decode")
 KV_LAYOUTS = ("bskd", "bksd")
-
-# Masked logits get a large finite negative value rather than -inf so that a fully masked row (a
-# padding query) yields a uniform, finite distribution instead of NaN; such rows are never read.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_MASK_VALUE = mask_value(jnp.float32)  # logits and softmax are float32 here (masking.py)
 
 
 def make_mask(
@@ -93,16 +94,16 @@ def _xla_attention(q, k, v, mask):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
-def _pallas_attention(q, k, v, *, causal, segment_ids, q_offset, kv_lengths, kv_layout):
+def _pallas_attention(q, k, v, *, mode, causal, segment_ids, q_offset, kv_lengths, kv_layout):
     # Imported here: the kernels pull in Pallas, which the other implementations do not need.
     from gqa_uptrain.kernels import decode_attention, flash_attention  # noqa: PLC0415
 
-    if kv_layout == "bskd" and q_offset is None and kv_lengths is None:
+    if mode == "train":
+        if q_offset is not None or kv_lengths is not None:
+            raise ValueError("mode='train' takes no q_offset/kv_lengths (those are the decode "
+                             "cache's): use mode='decode'")
         return flash_attention.flash_attention(q, k, v, segment_ids, causal=causal)
     # A KV cache (the model's decode and prefill): the decode kernel, over [b, kv_heads, len, d].
-    if segment_ids is not None:
-        raise ValueError("implementation='pallas' takes segment_ids only for self-attention "
-                         "(kv_layout='bskd' without q_offset/kv_lengths)")
     if kv_layout == "bskd":
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     return decode_attention.decode_attention(q, k, v, kv_lengths, q_offset, causal=causal)
@@ -173,40 +174,110 @@ def _cache_attention(q, k, v, mask):
     return out.reshape(batch, seq_q, num_heads, head_dim).astype(out_dtype)
 
 
-def resolve_implementation(implementation: str, kv_layout: str = "bskd") -> str:
-    """Maps 'auto' to a concrete implementation for the current platform and KV layout."""
+# ----------------------------------------------------------------------------- dispatch
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """What choosing an implementation looks at: static facts of one attention call.
+
+    mode: 'train' (a sequence attends to itself: causal, segment ids; training and evaluation) or
+    'decode' (queries at cache positions q_offset against a KV cache with kv_lengths).
+    platform: jax's backend name. kv_layout: 'bskd' or 'bksd' (the decode cache's). mesh: the
+    mesh the call runs under, or None (no candidate uses it yet; the across-hosts issue does).
+    """
+
+    mode: str
+    platform: str
+    kv_layout: str
+    dtype: str
+    head_dim: int
+    seq_q: int
+    segment_ids: bool = False
+    mesh: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One implementation: supports(call) says why it does not apply (None: it does); run(q, k,
+    v, mask, **call kwargs) computes it; wrap(run, call) is where a call is wrapped over a mesh
+    (shard_map for kernels that XLA cannot partition; identity today)."""
+
+    run: Callable[..., jax.Array]
+    supports: Callable[[Call], str | None]
+    wrap: Callable[[Callable, Call], Callable] = lambda run, call: run
+
+
+def _needs_layout(layout: str, why: str) -> Callable[[Call], str | None]:
+    return lambda c: None if c.kv_layout == layout else f"needs kv_layout={layout!r} ({why})"
+
+
+def _pallas_supports(c: Call) -> str | None:
+    if c.mode == "train" and c.kv_layout != "bskd":
+        return "in mode='train' needs kv_layout='bskd' (the flash kernel)"
+    if c.mode == "decode" and c.segment_ids:
+        return ("takes segment_ids only in mode='train' (the decode kernel masks by cache "
+                "position)")
+    return None
+
+
+def _run_reference(q, k, v, mask, *, kv_layout, **_):
+    return reference_attention(q, k, v, mask, kv_layout=kv_layout)
+
+
+def _run_einsum_vjp(q, k, v, mask, *, mode, causal, **_):
+    # Query blocks may skip later keys only when the mask is causal self-attention.
+    blocks_ok = mode == "train" and causal and q.shape[1] == k.shape[1]
+    return attention_vjp(q, k, v, mask, causal=blocks_ok)
+
+
+CANDIDATES: dict[str, Candidate] = {
+    "reference": Candidate(_run_reference, lambda c: None),
+    "xla": Candidate(lambda q, k, v, mask, **_: _xla_attention(q, k, v, mask), _needs_layout(
+        "bskd", "jax.nn.dot_product_attention has no [batch, kv_heads, seq, dim] layout")),
+    "einsum_vjp": Candidate(_run_einsum_vjp, _needs_layout(
+        "bskd", "it is the training form; the bksd decode cache uses 'cache'")),
+    "cache": Candidate(lambda q, k, v, mask, **_: _cache_attention(q, k, v, mask),
+                       _needs_layout("bksd", "the decode cache's layout")),
+    "pallas": Candidate(None, _pallas_supports),  # no mask array: the kernels mask by position
+}
+IMPLEMENTATIONS = ("auto",) + tuple(CANDIDATES)
+
+# 'auto': the first candidate that supports the call; 'reference' always does, and ends each list.
+#   cpu   'pallas' would run in the interpreter; 'einsum_vjp' (attention_vjp's hand-written
+#         backward) ran one layer's forward + backward 1.2-1.6x faster than jax.nn's; 'cache'
+#         shapes the decode einsums for XLA:CPU by q_per_kv (_cache_attention).
+#   gpu   'xla' until the Pallas kernels have run and been timed on a GPU (they pass interpret
+#         mode and lower for CUDA here); experiments/gpu_check.sh measures them.
+#   tpu   splash attention for training (kernels/tpu.py, MaxText's TPU kernel); the TPU decode
+#         kernel passed lowering and interpret mode only, never timed: XLA keeps the cache path.
+AUTO: dict[tuple[str, str], tuple[str, ...]] = {
+    ("cpu", "train"): ("einsum_vjp", "reference"),
+    ("cpu", "decode"): ("cache", "reference"),
+    ("gpu", "train"): ("xla", "reference"),
+    ("gpu", "decode"): ("reference",),
+    ("tpu", "train"): ("pallas", "reference"),
+    ("tpu", "decode"): ("reference",),
+}
+
+
+def select(implementation: str, call: Call) -> str:
+    """The implementation that runs `call`: `implementation` itself if it supports the call,
+    the first supporting candidate of AUTO[(platform, mode)] for 'auto'. A pure function of its
+    arguments; ValueError naming the implementation and why it does not apply."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r} is not one of {IMPLEMENTATIONS}")
-    if kv_layout not in KV_LAYOUTS:
-        raise ValueError(f"kv_layout={kv_layout!r} is not one of {KV_LAYOUTS}")
-    if implementation == "auto":
-        platform = jax.default_backend()
-        if platform == "gpu":
-            # 'xla' until the Pallas kernels have been run and timed on a GPU: they pass interpret
-            # mode and lower for CUDA here, but have never executed on a device, and a default must
-            # be known-correct. experiments/gpu_check.sh measures them; switch to "pallas" (for
-            # training and decode) once its table shows them correct and faster.
-            return "xla" if kv_layout == "bskd" else "reference"
-        if platform == "tpu":
-            # Training: splash attention (kernels/tpu.py), the kernel MaxText uses on TPUs.
-            # Decode: the grouped einsum; our TPU decode kernel only passed lowering and TPU
-            # interpret-mode tests and was never timed, so XLA keeps the cache path. Not measured.
-            return "pallas" if kv_layout == "bskd" else "reference"
-        # CPU: 'pallas' would run the kernels in the (slow) interpreter. For bskd (training,
-        # evaluation) 'einsum_vjp': the forward + backward of one layer ran 1.2-1.6x faster than
-        # jax.nn.dot_product_attention's (attention_vjp's docstring). The decode cache is bksd
-        # (measured ~8x faster for MHA decode on CPU), where 'cache' picks the einsum shapes XLA's
-        # CPU backend runs fastest.
-        return "einsum_vjp" if kv_layout == "bskd" else "cache"
-    if implementation == "cache" and kv_layout != "bksd":
-        raise ValueError("implementation='cache' needs kv_layout='bksd' (the decode cache's layout)")
-    if implementation == "xla" and kv_layout != "bskd":
-        raise ValueError("implementation='xla' needs kv_layout='bskd' "
-                         "(jax.nn.dot_product_attention has no [batch, kv_heads, seq, dim] layout)")
-    if implementation == "einsum_vjp" and kv_layout != "bskd":
-        raise ValueError("implementation='einsum_vjp' needs kv_layout='bskd' "
-                         "(it is the training form; the bksd decode cache uses 'cache')")
-    return implementation
+    if call.mode not in MODES:
+        raise ValueError(f"mode={call.mode!r} is not one of {MODES}")
+    if call.kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"kv_layout={call.kv_layout!r} is not one of {KV_LAYOUTS}")
+    if implementation != "auto":
+        why = CANDIDATES[implementation].supports(call)
+        if why is not None:
+            raise ValueError(f"implementation={implementation!r} {why}")
+        return implementation
+    names = AUTO.get((call.platform, call.mode), ("reference",))
+    return next(name for name in names if CANDIDATES[name].supports(call) is None)
 
 
 def attention(
@@ -214,36 +285,42 @@ def attention(
     k: jax.Array,
     v: jax.Array,
     *,
+    mode: str = "train",
     causal: bool = True,
     segment_ids: jax.Array | None = None,
     q_offset: jax.Array | None = None,
     kv_lengths: jax.Array | None = None,
     implementation: str = "auto",
-    kv_layout: str = "bskd",
+    kv_layout: str | None = None,
 ) -> jax.Array:
     """Grouped-query attention.
 
     Args:
       q: [batch, seq_q, num_heads, head_dim].
-      k, v: [batch, seq_kv, num_kv_heads, head_dim] (kv_layout='bskd', the default), or
-        [batch, num_kv_heads, seq_kv, head_dim] (kv_layout='bksd', the decode cache's layout).
+      k, v: [batch, seq_kv, num_kv_heads, head_dim] (kv_layout='bskd', mode='train''s), or
+        [batch, num_kv_heads, seq_kv, head_dim] (kv_layout='bksd', mode='decode''s cache).
+      mode: 'train' (self-attention of a sequence: training, evaluation) or 'decode' (queries at
+        cache positions against a KV cache). kv_layout defaults to the mode's.
       causal: query i (at position q_offset + i) sees keys at positions <= its own.
       segment_ids: [batch, seq] ints; tokens attend only within their segment (packed documents).
       q_offset: [batch] (or scalar) cache position of the first query, for decoding.
       kv_lengths: [batch] number of valid key/value positions per sequence.
-      implementation: 'reference' (grouped einsum), 'xla' (jax.nn.dot_product_attention),
-        'einsum_vjp' (bskd only: the reference's math with the hand-written backward of
-        gqa_uptrain.attention_vjp, the CPU default for training), 'pallas' (gqa_uptrain.kernels: flash attention with a Pallas backward for bskd without
-        q_offset/kv_lengths; the split-K decode kernel for the bksd cache or when q_offset or
-        kv_lengths is given — forward only; on CPU both run in interpret mode), 'cache' (the
-        bksd cache layout only: XLA einsums shaped for decode by q_per_kv) or 'auto' (the best
-        for the platform and layout). A run-time choice, never stored.
+      implementation: a CANDIDATES name or 'auto' (select(): AUTO's first candidate for the
+        platform and mode). 'reference' (grouped einsum), 'xla' (jax.nn.dot_product_attention),
+        'einsum_vjp' (the reference's math with attention_vjp's backward), 'cache' (bksd: XLA
+        einsums shaped for decode), 'pallas' (gqa_uptrain.kernels: in mode 'train' flash
+        attention with a Pallas backward, in mode 'decode' the split-K decode kernel, forward
+        only; on CPU both run in interpret mode). A run-time choice, never stored.
     Returns:
       [batch, seq_q, num_heads, head_dim] in q's dtype.
     """
-    impl = resolve_implementation(implementation, kv_layout)
+    kv_layout = kv_layout or ("bskd" if mode == "train" else "bksd")
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be rank 4; got shapes {q.shape}, {k.shape}, {v.shape}")
+    call = Call(mode=mode, platform=jax.default_backend(), kv_layout=kv_layout,
+                dtype=jnp.dtype(q.dtype).name, head_dim=q.shape[3], seq_q=q.shape[1],
+                segment_ids=segment_ids is not None)
+    impl = select(implementation, call)
     if k.shape != v.shape:
         raise ValueError(f"k and v shapes differ: {k.shape} vs {v.shape}")
     seq_axis, head_axis = (1, 2) if kv_layout == "bskd" else (2, 1)
@@ -251,18 +328,12 @@ def attention(
         raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head_dim")
     heads.group_size(q.shape[2], k.shape[head_axis])  # validates the head counts
     if impl == "pallas":
-        return _pallas_attention(q, k, v, causal=causal, segment_ids=segment_ids,
-                                 q_offset=q_offset, kv_lengths=kv_lengths, kv_layout=kv_layout)
+        run = CANDIDATES["pallas"].wrap(_pallas_attention, call)
+        return run(q, k, v, mode=mode, causal=causal, segment_ids=segment_ids, q_offset=q_offset,
+                   kv_lengths=kv_lengths, kv_layout=kv_layout)
     mask = make_mask(q.shape[1], k.shape[seq_axis], causal=causal, segment_ids=segment_ids,
                      q_offset=q_offset, kv_lengths=kv_lengths)
     if mask is not None:
         mask = jnp.broadcast_to(mask, (q.shape[0],) + mask.shape[1:])
-    if impl == "reference":
-        return reference_attention(q, k, v, mask, kv_layout=kv_layout)
-    if impl == "cache":
-        return _cache_attention(q, k, v, mask)
-    if impl == "einsum_vjp":
-        # Query blocks may skip later keys only when the mask is causal self-attention.
-        blocks_ok = causal and q_offset is None and q.shape[1] == k.shape[1]
-        return attention_vjp(q, k, v, mask, causal=blocks_ok)
-    return _xla_attention(q, k, v, mask)
+    run = CANDIDATES[impl].wrap(CANDIDATES[impl].run, call)
+    return run(q, k, v, mask, mode=mode, causal=causal, kv_layout=kv_layout)

@@ -28,6 +28,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from gqa_uptrain.masking import mask_value
+
 
 # Causal query blocks (attention_vjp(causal=True)): measured per layer, forward + backward, batch
 # 16 x 256, 8 heads of 32: 1 / 2 / 4 / 8 blocks 116 / 105 / 93 / 93 ms (8 blocks slower forward);
@@ -35,8 +37,7 @@ import jax.numpy as jnp
 _MAX_CAUSAL_BLOCKS = 8
 _MIN_CAUSAL_BLOCK = 64
 
-# As attention._MASK_VALUE (and the kernels'): finite, so that a fully masked row is uniform.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_MASK_VALUE = mask_value(jnp.float32)  # the scores are float32 (masking.py)
 
 
 def _forward(q_rows, k, v, mask_rows):

@@ -27,6 +27,7 @@ from flax import nnx
 from gqa_uptrain import attention as attention_lib
 from gqa_uptrain import heads, merging, pooling
 from gqa_uptrain import model as model_lib
+from gqa_uptrain.masking import mask_value
 from gqa_uptrain.model import ModelConfig
 
 # The validation share of the stdlib split in configs/pretrain.py and configs/uptrain.py: calibration
@@ -122,13 +123,15 @@ def _fit_stats(h, positions, segment_ids, valid, lp, inv_freq, num_groups, with_
     num_kv = k.shape[2]
     s = num_heads // num_kv
     half = head_dim // 2
-    # The MHA model's attention probabilities a[b, n, t, u], as attention.reference_attention.
-    qr = model_lib.apply_rope(q, positions, inv_freq)
-    kr = jnp.repeat(model_lib.apply_rope(k, positions, inv_freq), s, axis=2)  # [b, u, N, H]
-    logits = jnp.einsum("btnh,bunh->bntu", qr, kr) * head_dim ** -0.5
+    # The MHA model's attention probabilities a[b, n, t, u], as attention.reference_attention
+    # computes them: the grouped einsum (no K repeat) and the one mask value.
+    qr = model_lib.apply_rope(q, positions, inv_freq).reshape(batch, seq, num_kv, s, head_dim)
+    kr = model_lib.apply_rope(k, positions, inv_freq)  # [b, u, K, H]
+    logits = jnp.einsum("btksh,bukh->bkstu", qr, kr).reshape(batch, num_heads, seq, seq)
+    logits = logits * head_dim ** -0.5  # [b, N, t, u], query head n = k * s + g
     mask = attention_lib.make_mask(seq, seq, causal=True, segment_ids=segment_ids)
     mask = mask & valid[:, None, :]
-    probs = jax.nn.softmax(jnp.where(mask[:, None], logits, -1e30), axis=-1)
+    probs = jax.nn.softmax(jnp.where(mask[:, None], logits, mask_value(logits.dtype)), axis=-1)
     probs = probs * valid[:, None, :, None]  # invalid queries pay no attention  [b, N, t, u]
     # Rotated query second moments, averaged over u with the attention weights. With
     # phi = theta_j (p_u - p_t) and R = [[c, -s], [s, c]], R^T P R for P = [[p, m], [m, q]] is

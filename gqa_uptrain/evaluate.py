@@ -194,6 +194,9 @@ if __name__ == "__main__":
     flags.DEFINE_integer("batch_size", 8, "windows per forward pass")
     flags.DEFINE_string("tokenizer", "", "'byte' or a tokenizer.json path (default: the model's own)")
     flags.DEFINE_integer("max_batches", -1, "score only the first N batches (-1: all)")
-    flags.DEFINE_enum("implementation", "auto", ["auto", "reference", "xla", "einsum_vjp"],
-                      "attention implementation (attention.py)")
+    from gqa_uptrain import attention
+
+    flags.DEFINE_enum("implementation", "auto", list(attention.IMPLEMENTATIONS),
+                      "attention implementation (attention.select; 'auto': the platform's "
+                      "first supported candidate)")
     cli.run(main, description=__doc__.split("\n\n")[0])

@@ -263,8 +263,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, inv_freq, segment_ids, implementation):
         q, k, v = self._qkv(x, positions, inv_freq)
-        out = attention_lib.attention(q, k, v, causal=True, segment_ids=segment_ids,
-                                      implementation=implementation)
+        out = attention_lib.attention(q, k, v, mode="train", causal=True,
+                                      segment_ids=segment_ids, implementation=implementation)
         return self._output(out)
 
     def decode(self, x, positions, inv_freq, cache_k, cache_v, lengths, implementation):
@@ -280,7 +280,7 @@ class Attention(nnx.Module):
         cache_v = jax.vmap(write)(cache_v, v, lengths)
         out = attention_lib.attention(
             q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), causal=True, q_offset=lengths,
-            kv_lengths=lengths + x.shape[1], implementation=implementation, kv_layout="bksd")
+            kv_lengths=lengths + x.shape[1], implementation=implementation, mode="decode")
         return self._output(out), cache_k, cache_v
 
 

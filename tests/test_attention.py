@@ -8,7 +8,7 @@ import pytest
 
 from gqa_uptrain import attention as attention_lib
 from gqa_uptrain import attention_vjp
-from gqa_uptrain.attention import attention, make_mask, resolve_implementation
+from gqa_uptrain.attention import Call, attention, make_mask, select
 
 # Per-dtype tolerances (max abs error on outputs of O(1) magnitude): fp32 both paths accumulate in
 # fp32; bf16 inputs round q/k/v/probabilities to 8 mantissa bits, so ~2^-8 relative per element.
@@ -145,19 +145,30 @@ def test_q_offset_and_kv_lengths_place_queries_in_the_cache():
         np.testing.assert_allclose(got[b:b + 1], want, atol=1e-5)
     # The bksd layout (the decode cache's) gives the same answer.
     got_bksd = attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), q_offset=q_offset,
-                         kv_lengths=kv_lengths, implementation="auto", kv_layout="bksd")
+                         kv_lengths=kv_lengths, implementation="auto", mode="decode")
     np.testing.assert_allclose(got_bksd, got, atol=1e-6)
+
+
+def _call(mode="train", platform="cpu", kv_layout=None, **kw):
+    layout = kv_layout or ("bskd" if mode == "train" else "bksd")
+    return Call(mode=mode, platform=platform, kv_layout=layout, dtype="float32", head_dim=64,
+                seq_q=kw.pop("seq_q", 16), **kw)
 
 
 def test_bad_implementation_and_layout_are_named():
     with pytest.raises(ValueError, match="implementation='cudnn2'"):
-        resolve_implementation("cudnn2")
+        select("cudnn2", _call())
     with pytest.raises(ValueError, match="implementation='xla' needs kv_layout='bskd'"):
-        resolve_implementation("xla", "bksd")
+        select("xla", _call("decode"))
     with pytest.raises(ValueError, match="implementation='einsum_vjp' needs kv_layout='bskd'"):
-        resolve_implementation("einsum_vjp", "bksd")
+        select("einsum_vjp", _call("decode"))
     with pytest.raises(ValueError, match="kv_layout='sbkd'"):
-        resolve_implementation("reference", "sbkd")
+        select("reference", _call(kv_layout="sbkd"))
+    with pytest.raises(ValueError, match="mode='prefill'"):
+        select("reference", _call("prefill", kv_layout="bskd"))
+    with pytest.raises(ValueError, match="implementation='pallas' takes segment_ids only in "
+                                         "mode='train'"):
+        select("pallas", _call("decode", segment_ids=True))
     q, k, v = _qkv(4, 2)
     with pytest.raises(ValueError, match="disagree on batch or head_dim"):
         attention(q, k[..., :8], v[..., :8])
@@ -166,7 +177,7 @@ def test_bad_implementation_and_layout_are_named():
 def test_bf16_cache_layout_runs_and_matches_fp32():
     # Regression: XLA's CPU dot has no bf16 x bf16 -> f32 kernel for the bksd einsum.
     q, k, v = _qkv(4, 2, seq_q=1, seq_kv=6, seed=3)
-    kw = dict(q_offset=jnp.array([5, 3]), kv_lengths=jnp.array([6, 4]), kv_layout="bksd",
+    kw = dict(q_offset=jnp.array([5, 3]), kv_lengths=jnp.array([6, 4]), mode="decode",
               implementation="auto")
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     got = attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), **kw)
@@ -186,8 +197,40 @@ def test_cache_implementation_matches_reference(num_kv_heads, seq_q, head_dim, s
     q, k, v = _qkv(8, num_kv_heads, seq_q=seq_q, seq_kv=seq_kv, seed=4, head_dim=head_dim)
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     kw = dict(q_offset=jnp.array([7, 2]), kv_lengths=jnp.array([7 + seq_q, 2 + seq_q]),
-              kv_layout="bksd")
+              mode="decode")
     np.testing.assert_allclose(attention(q, k, v, implementation="cache", **kw),
                                attention(q, k, v, implementation="reference", **kw), atol=1e-5)
     with pytest.raises(ValueError, match="implementation='cache' needs kv_layout='bksd'"):
         attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), implementation="cache")
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def test_auto_takes_the_first_supported_candidate_of_the_platform_and_mode():
+    # The table itself, read as the README quotes it, for every platform and mode.
+    assert select("auto", _call("train", "cpu")) == "einsum_vjp"
+    assert select("auto", _call("decode", "cpu")) == "cache"
+    assert select("auto", _call("train", "gpu")) == "xla"
+    assert select("auto", _call("decode", "gpu")) == "reference"
+    assert select("auto", _call("train", "tpu")) == "pallas"
+    assert select("auto", _call("decode", "tpu")) == "reference"
+    # A call the first candidate does not support falls through to the next: the CPU training
+    # form needs bskd, so training-mode attention over a bksd cache gets the reference.
+    assert select("auto", _call("train", "cpu", kv_layout="bksd")) == "reference"
+    # A platform with no row (a new backend) gets the reference, never an untested kernel.
+    assert select("auto", _call("train", "metal")) == "reference"
+
+
+def test_every_auto_row_ends_with_the_reference_and_names_known_candidates():
+    for (platform, mode), names in attention_lib.AUTO.items():
+        assert mode in attention_lib.MODES and names[-1] == "reference", (platform, mode)
+        assert set(names) <= set(attention_lib.CANDIDATES)
+    assert attention_lib.IMPLEMENTATIONS == ("auto",) + tuple(attention_lib.CANDIDATES)
+
+
+def test_an_explicit_implementation_is_kept_when_it_applies():
+    for name in ("reference", "xla", "einsum_vjp"):
+        assert select(name, _call("train", "gpu")) == name
+    assert select("cache", _call("decode", "tpu")) == "cache"
+    assert select("pallas", _call("decode", "cpu")) == "pallas"

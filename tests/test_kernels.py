@@ -332,9 +332,11 @@ def test_splash_path_matches_reference_in_tpu_interpret_mode(causal, with_segmen
 
 def test_auto_never_picks_interpreted_pallas_on_cpu():
     assert jax.default_backend() == "cpu"
-    assert attention_lib.resolve_implementation("auto", "bskd") == "einsum_vjp"
-    assert attention_lib.resolve_implementation("auto", "bksd") == "cache"
-    assert attention_lib.resolve_implementation("pallas", "bksd") == "pallas"
+    call = dict(platform=jax.default_backend(), dtype="float32", head_dim=64, seq_q=1)
+    select = attention_lib.select
+    assert select("auto", attention_lib.Call(mode="train", kv_layout="bskd", **call)) == "einsum_vjp"
+    assert select("auto", attention_lib.Call(mode="decode", kv_layout="bksd", **call)) == "cache"
+    assert select("pallas", attention_lib.Call(mode="decode", kv_layout="bksd", **call)) == "pallas"
 
 
 def test_pallas_with_q_offset_and_kv_lengths_uses_the_decode_kernel():
@@ -344,7 +346,8 @@ def test_pallas_with_q_offset_and_kv_lengths_uses_the_decode_kernel():
     v = _normal(jax.random.PRNGKey(2), (2, 24, 2, 16), jnp.float32)
     q_offset, kv_lengths = jnp.array([4, 20]), jnp.array([7, 23])
     call = lambda impl: lambda q, k, v: attention_lib.attention(
-        q, k, v, q_offset=q_offset, kv_lengths=kv_lengths, implementation=impl)
+        q, k, v, mode="decode", kv_layout="bskd", q_offset=q_offset, kv_lengths=kv_lengths,
+        implementation=impl)
     got = _compile(call("pallas"), q, k, v)
     calls = _pallas_calls(jax.make_jaxpr(call("pallas"))(q, k, v).jaxpr)
     assert list(calls) == ["gqa_decode"]
@@ -357,7 +360,7 @@ def test_pallas_refuses_segment_ids_with_a_cache():
     with pytest.raises(ValueError, match="segment_ids"):
         attention_lib.attention(q, k, k, segment_ids=jnp.zeros((1, 2), jnp.int32),
                                 kv_lengths=jnp.array([2]), implementation="pallas",
-                                kv_layout="bksd")
+                                mode="decode")
 
 
 def _tiny_model(num_kv_heads=2):

@@ -118,7 +118,7 @@ def _decode_fns():
         # The model's decode path: cache [b, K, S, d], query at position lengths - 1.
         return lambda q, k_bksd, v_bksd, k_bskd, v_bskd, lengths: attention_lib.attention(
             q, k_bksd, v_bksd, causal=True, q_offset=lengths - 1, kv_lengths=lengths,
-            implementation=impl, kv_layout="bksd")
+            implementation=impl, mode="decode")
 
     def dpa(impl):
         return lambda q, k_bksd, v_bksd, k_bskd, v_bskd, lengths: jax.nn.dot_product_attention(

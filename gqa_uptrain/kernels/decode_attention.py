@@ -28,11 +28,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+from gqa_uptrain.masking import mask_value
+
+_MASK_VALUE = mask_value(jnp.float32)  # logits are float32 in the kernels (masking.py)
 _MIN_ROWS = 16  # tl.dot's minimum M; also a whole bf16 sublane tile on a TPU
 _MAX_ROWS = 64  # rows per program before the query is split into row blocks (prefill)
 # Programs to aim for when choosing num_splits on a GPU: ~2 per SM of an H100/H200 (132 SMs).

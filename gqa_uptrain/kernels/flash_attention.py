@@ -43,11 +43,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+from gqa_uptrain.masking import mask_value
+
+_MASK_VALUE = mask_value(jnp.float32)  # logits are float32 in the kernels (masking.py)
 _LOG2E = math.log2(math.e)
 # tl.dot needs M, N, K >= 16.
 _TRITON_MIN_DIM = 16
