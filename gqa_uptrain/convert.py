@@ -37,7 +37,7 @@ import os
 import sys
 from typing import Any
 
-from gqa_uptrain import formats, heads, hf, loading, merging, pooling
+from gqa_uptrain import formats, heads, hf, loading, merging, outputs, pooling
 
 FORMATS = ("hf", "checkpoint")
 # Provenance entries a converted checkpoint keeps at the top level (see convert_checkpoint).
@@ -105,7 +105,7 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int, met
     merging.parse_method(method)
     if formats.detect(input_path) != "checkpoint":
         raise ValueError(f"{input_path} is not a checkpoint or workdir of this project")
-    hf.check_output_path(input_path, output_path, overwrite)
+    outputs.check_output_path(input_path, output_path, overwrite)
     source, new_params, new_config, record = _load_and_convert(input_path, num_kv_heads, method,
                                                                seed, calibration)
     meta_in = source.meta
@@ -133,7 +133,7 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int, met
 def _hf_to_checkpoint(input_path, output_path, num_kv_heads, method, seed, overwrite, calibration):
     from gqa_uptrain import checkpoints  # noqa: PLC0415
 
-    hf.check_output_path(input_path, output_path, overwrite)
+    outputs.check_output_path(input_path, output_path, overwrite)
     source, new_params, new_config, record = _load_and_convert(input_path, num_kv_heads, method,
                                                                seed, calibration)
     provenance = {"converted_from": source.path, **record}
@@ -202,7 +202,7 @@ def _checkpoint_to_hf(input_path, output_path, num_kv_heads, method, seed, overw
                       calibration):
     from gqa_uptrain import checkpoints  # noqa: PLC0415
 
-    hf.check_output_path(input_path, output_path, overwrite)
+    outputs.check_output_path(input_path, output_path, overwrite)
     if tokenizer is not None and not os.path.exists(tokenizer):
         raise ValueError(f"tokenizer {tokenizer} does not exist")
     source, new_params, new_config, record = _load_and_convert(input_path, num_kv_heads, method,
@@ -222,7 +222,7 @@ def _hf_to_hf_in_memory(input_path, output_path, num_kv_heads, method, seed, ove
                         calibration):
     """HF -> HF for the methods that need the whole model: import, convert, export (config.json
     rebuilt from the input's, which keeps every field it does not set; tokenizer files copied)."""
-    hf.check_output_path(input_path, output_path, overwrite)
+    outputs.check_output_path(input_path, output_path, overwrite)
     source, new_params, new_config, record = _load_and_convert(input_path, num_kv_heads, method,
                                                                seed, calibration)
     has_tokenizer = any(os.path.isfile(os.path.join(source.path, f))

@@ -3,12 +3,14 @@
 Supported: `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM` folders holding `config.json`
 plus safetensors weights (`model.safetensors`, or shards listed in `model.safetensors.index.json`).
 
-Two jobs, in the sections below (safetensors I/O by byte offset is safetensors_io.py's):
+Here, in the sections below: reading a folder, the layout table, config.json's sizes, two jobs:
   * HF -> HF conversion (`convert_hf_folder`), streaming one tensor at a time: only K/V tensors are
     decoded and pooled; every other tensor is copied in chunks. Imports neither jax nor torch.
   * import (`load_hf_model`: HF folder -> this project's flat params + ModelConfig) and export
     (`export_hf`: params + ModelConfig -> HF folder); both are pure reshapes/transposes, so a round
     trip is bit-exact. These import model.py (and so jax) lazily, inside the functions.
+Elsewhere: config.json <-> ModelConfig (hf_config.py), output folders (outputs.py), the byte-level
+tokenizer's files (byte_tokenizer.py), safetensors I/O by byte offset (safetensors_io.py).
 
 The HF <-> project layout is one table, LAYOUT_TABLE: a row per tensor (HF name, project name, HF
 shape in config.json's sizes, the transform to the project's layout and back, and the config flag
@@ -33,21 +35,18 @@ are never read or copied: they would be stale.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import json
 import math
 import os
 import re
 import shutil
-import socket
-import tempfile
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from gqa_uptrain import formats, heads, pooling
+from gqa_uptrain import formats, heads, outputs, pooling
+from gqa_uptrain.byte_tokenizer import write_byte_tokenizer
 from gqa_uptrain.safetensors_io import (DTYPE_NAMES, DTYPE_SIZES, SafetensorsWriter, TensorInfo,
                                         numpy_dtype, read_safetensors_header, read_tensor,
                                         safetensors_dtype, verify_safetensors)
@@ -75,7 +74,7 @@ _BUFFER = re.compile(r"(^|\.)rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 
-# ============================================================================ folders and paths
+# ============================================================================ reading a folder
 
 
 def read_hf_config(folder: str) -> dict[str, Any]:
@@ -153,110 +152,6 @@ def weight_tensors(folder: str) -> tuple[dict[str, TensorInfo], list[str], dict[
             raise ValueError(f"{WEIGHTS_INDEX} lists tensor {absent[0]} but {weight_map[absent[0]]} "
                              "does not hold it")
     return tensors, files, index_meta
-
-
-def check_output_path(input_path: str, output_path: str, overwrite: bool) -> None:
-    """Refuses output == input, output inside input, an existing output without `overwrite`, and
-    (with overwrite) an output that contains the input, which replacing would delete."""
-    src, dst = os.path.realpath(input_path), os.path.realpath(output_path)
-    if src == dst:
-        raise ValueError(f"output {output_path} is the input: write the converted model elsewhere")
-    if dst.startswith(src + os.sep):
-        raise ValueError(f"output {output_path} is inside the input {input_path}")
-    if os.path.lexists(output_path):
-        if not overwrite:
-            raise ValueError(f"output {output_path} already exists (pass --overwrite to replace it)")
-        if src.startswith(dst + os.sep):
-            raise ValueError(f"output {output_path} contains the input {input_path}; "
-                             "replacing it would delete the input")
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where /proc allows (os.umask only sets)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _temp_prefix(name: str) -> str:
-    """atomic_folder's temporary name for `name`: the owner's host and pid are in it, so that a
-    later run can tell a dead conversion's leftover from a live one's (_remove_stale_temps)."""
-    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
-    return f".{name}.tmp-{host}-{os.getpid()}-"
-
-
-def _remove_stale_temps(parent: str, name: str) -> list[str]:
-    """Deletes the temporary folders that atomic_folder runs for `name` left in `parent` when they
-    were killed (kill -9, power loss): only names of _temp_prefix's form, only of this host, only
-    when that pid is no longer alive. Anything else (other names, other hosts, live pids, the
-    mkdtemp names of older versions) is left alone. Returns the removed paths."""
-    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
-    pattern = re.compile(re.escape(f".{name}.tmp-{host}-") + r"(\d+)-[A-Za-z0-9_]+")
-    removed = []
-    for entry in os.listdir(parent):
-        m = pattern.fullmatch(entry)
-        path = os.path.join(parent, entry)
-        if m is None or not os.path.isdir(path) or os.path.islink(path):
-            continue
-        pid = int(m.group(1))
-        try:
-            os.kill(pid, 0)
-            continue  # alive (a concurrent conversion to the same destination)
-        except ProcessLookupError:
-            pass
-        except (PermissionError, OverflowError):  # alive under another user / not a pid
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
-
-
-@contextlib.contextmanager
-def atomic_folder(output: str, overwrite: bool = False) -> Iterator[str]:
-    """Yields a fresh temporary folder beside `output`; on success it is renamed to `output`
-    (replacing an existing one only with `overwrite`), on any error it is deleted, together with
-    any parent folders this created. The folder gets the mode save_pretrained's would have
-    (0o777 & ~umask), not mkdtemp's 0o700. Temporary folders for the same `output` left by killed
-    runs are removed first (_remove_stale_temps)."""
-    output = os.path.abspath(output)
-    parent, name = os.path.split(output)
-    created = parent
-    while not os.path.exists(os.path.dirname(created)):
-        created = os.path.dirname(created)
-    created = None if os.path.exists(parent) else created
-    os.makedirs(parent, exist_ok=True)
-    _remove_stale_temps(parent, name)
-    tmp = tempfile.mkdtemp(prefix=_temp_prefix(name), dir=parent)
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())
-        yield tmp
-        if os.path.lexists(output):
-            if not overwrite:
-                raise ValueError(f"output {output} already exists (pass --overwrite to replace it)")
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.rename(output, os.path.join(old, name))
-            os.rename(tmp, output)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
 
 
 # ============================================================================ the layout table
@@ -511,7 +406,8 @@ def natural_key(name: str):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def _hf_dtype_name(config: dict[str, Any], fallback: str) -> str:
+def config_dtype(config: dict[str, Any], fallback: str) -> str:
+    """config.json's `dtype` (or `torch_dtype`) when float32/bfloat16/float16, else `fallback`."""
     name = config.get("dtype") or config.get("torch_dtype")
     return name if name in ("float32", "bfloat16", "float16") else fallback
 
@@ -534,7 +430,7 @@ def convert_hf_folder(input_folder: str, output_folder: str, num_kv_heads: int,
     if method not in pooling.METHODS:
         raise ValueError(f"method={method!r} is not one of {pooling.METHODS}")
     config = read_hf_config(input_folder)
-    check_output_path(input_folder, output_folder, overwrite)
+    outputs.check_output_path(input_folder, output_folder, overwrite)
     layout = hf_layout(config)
     heads.pool_ratio(layout.num_kv_heads, num_kv_heads)
     tensors, files, index_meta = weight_tensors(input_folder)
@@ -551,7 +447,7 @@ def convert_hf_folder(input_folder: str, output_folder: str, num_kv_heads: int,
     weight_map: dict[str, str] = {}
     total_size = total_params = 0
     copied, not_copied = [], []
-    with atomic_folder(output_folder, overwrite) as tmp:
+    with outputs.atomic_folder(output_folder, overwrite) as tmp:
         for file in files:
             infos = [t for t in tensors.values()
                      if os.path.basename(t.path) == file and t.name not in dropped]
@@ -583,11 +479,11 @@ def convert_hf_folder(input_folder: str, output_folder: str, num_kv_heads: int,
             meta["total_size"] = total_size
             if "total_parameters" in meta:
                 meta["total_parameters"] = total_params
-            _write_json(os.path.join(tmp, WEIGHTS_INDEX),
+            outputs.write_json(os.path.join(tmp, WEIGHTS_INDEX),
                         {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))})
         new_config = dict(config)
         new_config["num_key_value_heads"] = num_kv_heads
-        _write_json(os.path.join(tmp, CONFIG_FILE), new_config)
+        outputs.write_json(os.path.join(tmp, CONFIG_FILE), new_config)
         previous = None
         for entry in sorted(os.listdir(input_folder)):
             src = os.path.join(input_folder, entry)
@@ -609,10 +505,10 @@ def convert_hf_folder(input_folder: str, output_folder: str, num_kv_heads: int,
                       "dropped_tensors": dropped}
         if previous is not None:
             provenance["previous"] = previous
-        _write_json(os.path.join(tmp, PROVENANCE_FILE), provenance)
+        outputs.write_json(os.path.join(tmp, PROVENANCE_FILE), provenance)
 
     k_dtype = tensors[next(iter(kv))].dtype  # layer 0's k_proj.weight
-    cache_dtype = _hf_dtype_name(config, DTYPE_NAMES[k_dtype])
+    cache_dtype = config_dtype(config, DTYPE_NAMES[k_dtype])
     return {
         "input_format": "hf", "output_format": "hf", "architecture": layout.architecture,
         "num_layers": layout.num_layers, "num_heads": layout.num_heads,
@@ -626,91 +522,16 @@ def convert_hf_folder(input_folder: str, output_folder: str, num_kv_heads: int,
 # ============================================================================ import: HF -> params
 
 
-def _rope_from_hf(config: dict[str, Any]) -> tuple[float, tuple | None]:
-    """(rope_theta, ModelConfig.rope_scaling) from either config layout; refuses what the model lacks.
-
-    Newer transformers (5.x) write `rope_parameters` {'rope_theta', 'rope_type', ...}; older ones
-    `rope_theta` plus `rope_scaling` {'type' or 'rope_type', 'factor', ...}.
-    """
-    from gqa_uptrain.model import ROPE_SCALING_TYPES  # noqa: PLC0415
-
-    params = config.get("rope_parameters")
-    if params is None:
-        params = dict(config.get("rope_scaling") or {})
-        params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
-    params = dict(params)
-    if "type" in params:
-        params.setdefault("rope_type", params.pop("type"))
-    theta = float(params.pop("rope_theta", config.get("rope_theta", 10000.0)))
-    kind = params.pop("rope_type", "default")
-    partial = params.pop("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-    if partial not in (None, 1, 1.0):
-        raise ValueError(f"partial_rotary_factor={partial} is not supported by this project's model")
-    if kind == "default":
-        return theta, None
-    if kind not in ROPE_SCALING_TYPES:
-        raise ValueError(f"rope type {kind!r} is not supported by this project's model "
-                         f"(supported: default, {', '.join(ROPE_SCALING_TYPES)})")
-    needed = {"linear": ("factor",),
-              "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                         "original_max_position_embeddings")}[kind]
-    absent = [k for k in needed if params.get(k) is None]
-    if absent:
-        raise ValueError(f"rope type {kind!r} needs {', '.join(absent)} in config.json")
-    extra = sorted(k for k in params if k not in needed and params[k] is not None)
-    if extra:
-        raise ValueError(f"rope parameter {extra[0]} (rope type {kind!r}) is not supported by "
-                         "this project's model")
-    scaling = {k: params[k] for k in needed}
-    scaling["rope_type"] = kind
-    return theta, tuple(sorted(scaling.items()))
-
-
-def model_config_from_hf(hf_config: dict[str, Any]) -> "ModelConfig":
-    """This project's ModelConfig for a Llama-family config.json dict.
-
-    Refuses, naming the feature, what the model does not implement: sliding windows (Mistral
-    `sliding_window` set, Qwen2 `use_sliding_window`), `mlp_bias`, activations other than silu,
-    rope types other than default/linear/llama3, partial rotary embeddings. param_dtype and dtype
-    are config.json's `dtype` (or `torch_dtype`), float32 when absent; load_hf_model follows the
-    tensors instead when they disagree.
-    """
-    from gqa_uptrain.model import ModelConfig  # noqa: PLC0415
-
-    layout = hf_layout(hf_config)
-    family = SUPPORTED_ARCHITECTURES[layout.architecture]
-    act = hf_config.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"hidden_act={act!r} is not supported by this project's model (silu only)")
-    if layout.mlp_bias:
-        raise ValueError("mlp_bias=True is not supported by this project's model")
-    if family == "mistral" and hf_config.get("sliding_window") is not None:
-        raise ValueError(f"sliding_window={hf_config['sliding_window']} is not supported by this "
-                         "project's model (full causal attention only); the HF -> HF conversion "
-                         "does support it")
-    if family == "qwen2" and (hf_config.get("use_sliding_window")
-                              or "sliding_attention" in (hf_config.get("layer_types") or [])):
-        raise ValueError("use_sliding_window=True is not supported by this project's model "
-                         "(full causal attention only); the HF -> HF conversion does support it")
-    theta, scaling = _rope_from_hf(hf_config)
-    dtype = _hf_dtype_name(hf_config, "float32")
-    return ModelConfig(
-        vocab_size=layout.vocab_size, d_model=layout.d_model, num_layers=layout.num_layers,
-        num_heads=layout.num_heads, num_kv_heads=layout.num_kv_heads, mlp_dim=layout.mlp_dim,
-        head_dim=layout.head_dim, rope_theta=theta, rope_scaling=scaling,
-        norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=layout.tie_embeddings, qkv_bias=layout.qkv_bias, o_bias=layout.o_bias,
-        param_dtype=dtype, dtype=dtype)
-
-
 def load_hf_model(folder: str) -> tuple[dict[str, np.ndarray], "ModelConfig"]:
     """Imports a Hugging Face folder as (this project's flat params as numpy arrays, ModelConfig).
 
     Values are bit-exact (layout changes only). param_dtype/dtype follow the tensors: all floating
     tensors must share one dtype, else the narrower ones are widened (lossless) to the widest.
     A tied folder's redundant lm_head.weight and rotary buffers are dropped. Refuses unsupported
-    features by name (model_config_from_hf) and tensors that disagree with config.json.
+    features by name (hf_config.model_config_from_hf) and tensors that disagree with config.json.
     """
+    from gqa_uptrain.hf_config import model_config_from_hf  # noqa: PLC0415 (it imports this module)
+
     hf_config = read_hf_config(folder)
     config = model_config_from_hf(hf_config)
     layout = hf_layout(hf_config)
@@ -741,108 +562,13 @@ def load_hf_model(folder: str) -> tuple[dict[str, np.ndarray], "ModelConfig"]:
 # ============================================================================ export: params -> HF
 
 
-def _architecture_for(config: "ModelConfig", base: dict[str, Any] | None) -> str:
-    if config.o_bias and not config.qkv_bias:
-        raise ValueError("o_bias without qkv_bias has no Llama-family equivalent in transformers")
-    base_arch = ((base or {}).get("architectures") or [None])[0]
-    if config.qkv_bias and not config.o_bias:
-        return "Qwen2ForCausalLM"
-    if config.qkv_bias:  # Llama's attention_bias puts a bias on q, k, v and o
-        return "LlamaForCausalLM"
-    if base_arch in SUPPORTED_ARCHITECTURES and base_arch != "Qwen2ForCausalLM":
-        return base_arch  # keep Mistral a Mistral
-    return "LlamaForCausalLM"
-
-
-def hf_config_from_model_config(config: "ModelConfig", *, base: dict[str, Any] | None = None,
-                                max_position_embeddings: int = 2048) -> dict[str, Any]:
-    """A transformers config.json dict for this project's ModelConfig.
-
-    Architecture: Qwen2 when qkv_bias without o_bias, else Llama (with attention_bias when there
-    are biases), or the base's Mistral. `base` (e.g. the config.json the model was imported from)
-    keeps every field this does not set — token ids, max_position_embeddings, rope layout: a base
-    written with `rope_theta`/`rope_scaling` keeps that layout, else `rope_parameters` (what
-    transformers 5.x writes). Without a base, bos/eos/pad token ids are null (byte-level models
-    have none).
-    """
-    arch = _architecture_for(config, base)
-    family = SUPPORTED_ARCHITECTURES[arch]
-    base_family = SUPPORTED_ARCHITECTURES.get(((base or {}).get("architectures") or [None])[0])
-    out: dict[str, Any] = copy.deepcopy(base) if base and base_family == family else {}
-    if base and base_family != family:  # a different class: keep only the family-neutral fields
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings",
-                    "initializer_range"):
-            if key in base:
-                out[key] = base[key]
-    if not base:
-        out.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    out.setdefault("max_position_embeddings", max_position_embeddings)
-    out.update(
-        architectures=[arch], model_type=family, vocab_size=config.vocab_size,
-        hidden_size=config.d_model, intermediate_size=config.mlp_dim,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim, hidden_act="silu",
-        rms_norm_eps=config.norm_eps, tie_word_embeddings=config.tie_embeddings,
-        dtype=config.param_dtype, attention_dropout=0.0, use_cache=True)
-    out.pop("torch_dtype", None)
-    if family == "llama":
-        out.update(attention_bias=config.qkv_bias, mlp_bias=False)
-    elif family == "mistral":
-        out["sliding_window"] = None
-    else:
-        out["use_sliding_window"] = False
-        out.setdefault("sliding_window", None)  # ignored by transformers without use_sliding_window
-        if len(out.get("layer_types") or []) != config.num_layers:
-            out.pop("layer_types", None)  # transformers rebuilds it (all full attention)
-    scaling = dict(config.rope_scaling) if config.rope_scaling else None
-    if base and "rope_parameters" not in base and ("rope_theta" in base or "rope_scaling" in base):
-        out["rope_theta"] = config.rope_theta
-        out["rope_scaling"] = scaling
-    else:
-        out.pop("rope_theta", None)
-        out.pop("rope_scaling", None)
-        out["rope_parameters"] = {"rope_theta": config.rope_theta, "rope_type": "default",
-                                  **(scaling or {})}
-    return out
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table that tokenizers' ByteLevel pre-tokenizer uses."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def write_byte_tokenizer(folder: str, model_max_length: int = 2048) -> None:
-    """Writes tokenizer.json + tokenizer_config.json for this project's byte-level tokenizer:
-    token id = byte value 0..255, no merges, no special tokens (ids >= 256 of a larger vocab are
-    unused by it)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
-
-    table = _bytes_to_unicode()
-    tok = Tokenizer(models.BPE(vocab={table[b]: b for b in range(256)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(os.path.join(folder, "tokenizer.json"))
-    _write_json(os.path.join(folder, "tokenizer_config.json"), {
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
-        "clean_up_tokenization_spaces": False, "add_prefix_space": False})
-
-
 def export_hf(params: dict[str, Any], config: "ModelConfig", out_folder: str, *,
               tokenizer_folder: str | None = None, base_hf_config: dict[str, Any] | None = None,
               byte_tokenizer: bool | None = None, provenance: dict[str, Any] | None = None,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> list[str]:
     """Writes this project's params as a transformers folder (LlamaForCausalLM, or Qwen2ForCausalLM
-    when qkv_bias without o_bias; see hf_config_from_model_config). Bit-exact: tensors keep their
-    dtype and values. Returns the written file names.
+    when qkv_bias without o_bias; see hf_config.hf_config_from_model_config). Bit-exact: tensors
+    keep their dtype and values. Returns the written file names.
 
     tokenizer_folder: copy its tokenizer (and generation_config.json) files. Otherwise a byte-level
     tokenizer.json is written when byte_tokenizer is True, or when it is None, there is no
@@ -852,6 +578,7 @@ def export_hf(params: dict[str, Any], config: "ModelConfig", out_folder: str, *,
     Written to a temporary folder beside out_folder and renamed when complete.
     """
     from gqa_uptrain.checkpoints import BYTE_VOCAB_SIZES  # noqa: PLC0415
+    from gqa_uptrain.hf_config import hf_config_from_model_config  # noqa: PLC0415
     from gqa_uptrain.model import abstract_params, check_params_match  # noqa: PLC0415
 
     hf_config = hf_config_from_model_config(config, base=base_hf_config)
@@ -888,7 +615,7 @@ def export_hf(params: dict[str, Any], config: "ModelConfig", out_folder: str, *,
     files = ([WEIGHTS_FILE] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     written = []
-    with atomic_folder(out_folder, overwrite) as tmp:
+    with outputs.atomic_folder(out_folder, overwrite) as tmp:
         weight_map, total_size = {}, 0
         for file, shard in zip(files, shards):
             arrays = {n: tensor(n) for n in shard}
@@ -901,12 +628,12 @@ def export_hf(params: dict[str, Any], config: "ModelConfig", out_folder: str, *,
             verify_safetensors(os.path.join(tmp, file), entries)
             written.append(file)
         if len(files) > 1:
-            _write_json(os.path.join(tmp, WEIGHTS_INDEX), {
+            outputs.write_json(os.path.join(tmp, WEIGHTS_INDEX), {
                 "metadata": {"total_size": total_size,
                              "total_parameters": int(sum(np.size(p) for p in params.values()))},
                 "weight_map": weight_map})
             written.append(WEIGHTS_INDEX)
-        _write_json(os.path.join(tmp, CONFIG_FILE), hf_config)
+        outputs.write_json(os.path.join(tmp, CONFIG_FILE), hf_config)
         written.append(CONFIG_FILE)
         if tokenizer_folder is not None:
             if os.path.isfile(tokenizer_folder):  # a tokenizer.json given directly
@@ -924,6 +651,6 @@ def export_hf(params: dict[str, Any], config: "ModelConfig", out_folder: str, *,
             write_byte_tokenizer(tmp, hf_config["max_position_embeddings"])
             written += ["tokenizer.json", "tokenizer_config.json"]
         if provenance is not None:
-            _write_json(os.path.join(tmp, PROVENANCE_FILE), provenance)
+            outputs.write_json(os.path.join(tmp, PROVENANCE_FILE), provenance)
             written.append(PROVENANCE_FILE)
     return written

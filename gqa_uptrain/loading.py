@@ -21,6 +21,7 @@ import os
 from typing import Any
 
 from gqa_uptrain import formats, hf, merging, pooling
+from gqa_uptrain.hf_config import model_config_from_hf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +87,7 @@ def inspect(path: str, what: str = "input") -> Source:
     if kind == "hf":
         hf_config = hf.read_hf_config(path)
         return Source(format="hf", path=os.path.abspath(path),
-                      config=hf.model_config_from_hf(hf_config),
+                      config=model_config_from_hf(hf_config),
                       tokenizer=hf.tokenizer_path(os.path.abspath(path)), hf_config=hf_config)
     from gqa_uptrain import checkpoints  # noqa: PLC0415 (jax: only on this path)
 

@@ -1,16 +1,16 @@
 """The peer the benchmarks measure against: Hugging Face `transformers` on PyTorch CPU.
 
-Each function builds the `transformers` model equivalent to a ModelConfig (through hf.py's config
-mapping, so both sides have the same shapes) and returns a no-arg callable that runs one step, for
-`perf.measure_decode` to time side by side with ours. torch and transformers are imported lazily:
-they are the `dev` extra, not a dependency of the library.
+Each function builds the `transformers` model equivalent to a ModelConfig (through hf_config.py's
+config mapping, so both sides have the same shapes) and returns a no-arg callable that runs one
+step, for `perf.measure_decode` to time side by side with ours. torch and transformers are imported
+lazily: they are the `dev` extra, not a dependency of the library.
 """
 
 from __future__ import annotations
 
 import os
 
-from gqa_uptrain import hf
+from gqa_uptrain.hf_config import hf_config_from_model_config
 from gqa_uptrain.model import ModelConfig
 
 
@@ -27,7 +27,7 @@ def _hf_model(config: ModelConfig, seed: int, attn_implementation: str = "sdpa")
     import transformers
 
     torch.manual_seed(seed)
-    hf_config = hf.hf_config_from_model_config(config)
+    hf_config = hf_config_from_model_config(config)
     cls = getattr(transformers, hf_config["architectures"][0])
     config_obj = transformers.AutoConfig.for_model(**hf_config)
     config_obj._attn_implementation = attn_implementation

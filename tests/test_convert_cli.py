@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from gqa_uptrain import checkpoints, convert, hf, pooling
 from gqa_uptrain import model as model_lib
+from gqa_uptrain.byte_tokenizer import write_byte_tokenizer
 
 from _hf_helpers import (REPO, hf_logits, jax_logits, listing, make_hf_folder,
                          pooled_reference_model, random_params, read_safetensors_folder, run_cli,
@@ -53,7 +54,7 @@ def ckpt(tmp_path_factory):
 def hf_src(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf") / "llama"
     make_hf_folder(folder)
-    hf.write_byte_tokenizer(str(folder))
+    write_byte_tokenizer(str(folder))
     return str(folder)
 
 

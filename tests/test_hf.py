@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from gqa_uptrain import convert, hf, pooling
 from gqa_uptrain import model as model_lib
+from gqa_uptrain.byte_tokenizer import write_byte_tokenizer
 
 from _hf_helpers import (VOCAB, hf_logits, jax_logits, load_hf, make_hf_folder,
                          pooled_reference_model, random_params, read_safetensors_folder, run_cli,
@@ -236,7 +237,7 @@ def test_buffers_dropped_stale_weights_not_copied_tokenizer_copied(tmp_path):
         weights[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
     weights["lm_head.weight"] = weights["model.embed_tokens.weight"].copy()
     save_file(weights, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
-    hf.write_byte_tokenizer(src)
+    write_byte_tokenizer(src)
     for stale in ("pytorch_model.bin", "pytorch_model.bin.index.json", "consolidated.safetensors",
                   "params.json", "original/consolidated.00.pth"):
         os.makedirs(os.path.dirname(os.path.join(src, stale)), exist_ok=True)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gqa_uptrain import hf
+from gqa_uptrain.hf_config import model_config_from_hf
 from gqa_uptrain import model as model_lib
 
 _SIZES = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -81,7 +82,7 @@ def test_project_side_is_the_models_params(case):
     config, _ = CONFIGS[case]
     layout = hf.hf_layout(config)
     want = {n: tuple(s.shape) for n, s in
-            model_lib.abstract_params(hf.model_config_from_hf(config)).items()}
+            model_lib.abstract_params(model_config_from_hf(config)).items()}
     got = {t.project: t.row.to_project(np.zeros(t.shape, np.float32), layout).shape
            for t in layout.tensors()}
     assert got == want

@@ -19,6 +19,7 @@ from flax import nnx
 
 from gqa_uptrain import calibration, checkpoints, convert, hf, merging, pooling
 from gqa_uptrain import model as model_lib
+from gqa_uptrain.byte_tokenizer import write_byte_tokenizer
 
 # One shape of model, token batch and calibration batch throughout, so that every jitted function
 # (the forward, the calibration's block step and statistics) compiles once for the whole module.
@@ -613,7 +614,7 @@ def test_cli_fit_o_hf_folder_runs_in_transformers(tmp_path, capsys):
     assert convert.main([f"--input={src}", f"--output={out}", "--num_kv_heads=2",
                          "--method=fit", *CALIB_FLAGS]) == 1
     assert "has no tokenizer.json" in capsys.readouterr().err and not os.path.exists(out)
-    hf.write_byte_tokenizer(src)
+    write_byte_tokenizer(src)
     code = convert.main([f"--input={src}", f"--output={out}", "--num_kv_heads=2",
                          "--method=similar+fit_o", *CALIB_FLAGS])
     stdout = capsys.readouterr().out

@@ -52,9 +52,10 @@ from typing import Any
 
 import numpy as np
 
-from gqa_uptrain import hf, safetensors_io
+from gqa_uptrain import hf, outputs, safetensors_io
 from gqa_uptrain.benchmarks.common import (BenchError, fmt, machine_info, machine_line,
                                            markdown_table)
+from gqa_uptrain.hf_config import hf_config_from_model_config
 from gqa_uptrain.model import ModelConfig
 
 # TinyLlama-1.1B's shape with as many KV heads as query heads (what GQA is made from).
@@ -86,7 +87,7 @@ def checkpoint_name(config: ModelConfig) -> str:
 def _plan(config: ModelConfig, max_shard_bytes: int):
     """(hf config dict, [(file, [(name, shape)])]): tensors in natural name order, cut into
     shards of at most max_shard_bytes (a larger tensor gets one of its own), like export_hf."""
-    hf_config = hf.hf_config_from_model_config(config)
+    hf_config = hf_config_from_model_config(config)
     shapes = hf.hf_layout(hf_config).expected_shapes()
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
@@ -120,7 +121,7 @@ def generate_checkpoint(folder: str, config: ModelConfig, max_shard_bytes: int,
     rng = np.random.default_rng(seed)
     pool = (rng.standard_normal(1 << 24, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
     weight_map, total = {}, 0
-    with hf.atomic_folder(folder) as tmp:
+    with outputs.atomic_folder(folder) as tmp:
         for file, tensors in shards:
             entries = [(name, "BF16", shape) for name, shape in tensors]
             with safetensors_io.SafetensorsWriter(os.path.join(tmp, file), entries,
@@ -251,7 +252,7 @@ def run(args) -> dict[str, Any]:
     convert_rss = max(r for _, r in runs["convert"])
     time_ratio, rss_fraction = convert_s / copy_s, convert_rss / checkpoint_total
 
-    hf_config = hf.hf_config_from_model_config(config)
+    hf_config = hf_config_from_model_config(config)
     print(f"## Converter vs a plain copy{' (--quick: times meaningless)' * quick}")
     print(f"{machine_line(info)} Input: synthetic LlamaForCausalLM, d_model {config.d_model}, "
           f"{config.num_layers} layers, {config.num_heads} heads (MHA), mlp {config.mlp_dim}, "
