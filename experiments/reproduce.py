@@ -67,6 +67,7 @@ def main(argv=None) -> int:
         return 2
 
     from experiments import plots, results, suite  # noqa: PLC0415 (jax import: after parsing)
+    from gqa_uptrain import cpu  # noqa: PLC0415
 
     try:
         if args.table_only:
@@ -76,6 +77,7 @@ def main(argv=None) -> int:
                                       results.make_table(obj))
             plots.make_plots(obj, args.output_dir)
             return 0
+        cpu.enable()  # trains and decodes as the command lines do (gqa_uptrain/cpu/)
         suite.enable_compilation_cache(args.compilation_cache_dir
                                        or os.path.join(args.output_dir, "jax_cache"))
         if args.remeasure_speed and os.path.exists(os.path.join(args.output_dir, "speed.json")):

@@ -22,7 +22,7 @@ import json
 import sys
 from typing import Any, Callable
 
-from gqa_uptrain import hostmem
+from gqa_uptrain import cpu
 from gqa_uptrain.benchmarks import convert, decode, kernels, train
 from gqa_uptrain.benchmarks.common import BenchError
 
@@ -66,6 +66,7 @@ def judge_targets(headline: dict[str, Any], quick: bool) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    cpu.enable()  # the CPU tuning the command lines run with (gqa_uptrain/cpu/)
     try:
         headline = SUBCOMMANDS[args.command][1](args)
     except BenchError as e:
@@ -79,6 +80,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["train"]:  # only train: hostmem.py says why not decode and convert
-        hostmem.reexec_with_tuned_malloc()
+    # malloc settings only for train: cpu/hostmem.py says why not decode and convert.
+    cpu.enable(tune_malloc=sys.argv[1:2] == ["train"])
     sys.exit(main())

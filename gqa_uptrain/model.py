@@ -24,7 +24,9 @@ from flax import nnx
 
 from gqa_uptrain import attention as attention_lib
 from gqa_uptrain import heads
-from gqa_uptrain import xla_cpu
+from gqa_uptrain import cpu
+from gqa_uptrain.cpu import dense as cpu_dense
+from gqa_uptrain.cpu import xla_options
 
 _DTYPES = ("float32", "bfloat16", "float16")
 # Rope scalings the model implements; anything else is refused by name (see hf.py).
@@ -145,41 +147,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., d_in] @ w [d_in, d_out] -> [..., d_out]: every projection of the model.
-
-    On CPU with a custom gradient (_dense_cpu); elsewhere plain `x @ w` (not measured there).
-    """
-    if jax.default_backend() == "cpu":
-        return _dense_cpu(x, w)
-    return x @ w
-
-
-@jax.custom_vjp
-def _dense_cpu(x, w):
-    return x @ w
-
-
-def _dense_cpu_fwd(x, w):
-    return x @ w, (x, w)
-
-
-def _dense_cpu_bwd(residuals, grad):
-    # The weight gradient x^T @ grad contracts over the token axis, the major one of both. Left to
-    # itself, XLA:CPU's layout assignment wrote the (larger) incoming gradient transposed for it,
-    # e.g. the MLP's f32[768, 4096] at ~60 ms each, where x^T is the smaller array (d_in rows).
-    # The barrier makes x^T a real [d_in, tokens] array, so the product is a plain row-major one.
-    # Measured side by side, whole training step with AdamW: d_model 256 2,710 -> 2,284 ms,
-    # d_model 512 (GQA) 3,452 -> 2,988 ms with this on the MLP; then on the attention projections
-    # as well, 2,510 -> 2,394 and 2,959 -> 2,954 ms. (Not on the output head: preferred f32 dot.)
-    # Transposing whichever of x and grad is smaller instead (grad for the MLP's down projection)
-    # measured 2-3% slower.
-    x, w = residuals
-    x_2d = x.reshape(-1, x.shape[-1])
-    x_t = jax.lax.optimization_barrier(x_2d.T)  # [d_in, tokens]
-    return grad @ w.T, x_t @ grad.reshape(-1, grad.shape[-1])
-
-
-_dense_cpu.defvjp(_dense_cpu_fwd, _dense_cpu_bwd)
+    """x [..., d_in] @ w [d_in, d_out] -> [..., d_out]: every projection of the model (with
+    cpu.enable(), a custom gradient measured faster on XLA:CPU: gqa_uptrain/cpu/dense.py)."""
+    return cpu_dense.dense(x, w) if cpu.enabled() else x @ w
 
 
 def _init(rngs: nnx.Rngs, shape, fan_in: int, dtype) -> nnx.Param:
@@ -473,8 +443,8 @@ def _decode(graphdef, state, tokens, cache, num_valid, implementation):
 
 @functools.cache
 def _decode_jit(options: tuple[tuple[str, Any], ...]):
-    # One jit per set of compiler options (xla_cpu.decode_options: they depend on the backend and
-    # the head size), built on first use: importing this module must not initialise a backend.
+    # One jit per set of compiler options (cpu/xla_options.py: they depend on the backend and the
+    # head size), built on first use: importing this module must not initialise a backend.
     return jax.jit(_decode, static_argnames=("graphdef", "implementation"),
                    donate_argnames=("cache",), compiler_options=dict(options) or None)
 
@@ -482,7 +452,7 @@ def _decode_jit(options: tuple[tuple[str, Any], ...]):
 def decode_fn(model: Transformer, implementation: str = "auto"):
     """A jitted (tokens, cache, num_valid) -> (logits, cache) closure; the cache is donated."""
     graphdef, state = nnx.split(model)
-    options = xla_cpu.decode_options(model.config.head_dim) or {}
+    options = (xla_options.decode_options(model.config.head_dim) if cpu.enabled() else None) or {}
     jitted = _decode_jit(tuple(sorted(options.items())))
 
     def step(tokens, cache, num_valid=None):

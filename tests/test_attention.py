@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gqa_uptrain import attention as attention_lib
-from gqa_uptrain import attention_vjp
+from gqa_uptrain.cpu import attention_vjp, cache_attention
 from gqa_uptrain.attention import Call, attention, make_mask, select
 
 # Per-dtype tolerances (max abs error on outputs of O(1) magnitude): fp32 both paths accumulate in
@@ -186,7 +186,7 @@ def test_bf16_cache_layout_runs_and_matches_fp32():
                                atol=TOLERANCE[jnp.bfloat16])
 
 
-@pytest.mark.parametrize("seq_kv", [11, attention_lib._SHORT_CACHE + 5])
+@pytest.mark.parametrize("seq_kv", [11, cache_attention.SEQ_MINOR_MAX_CACHE + 5])
 @pytest.mark.parametrize("head_dim", [16, 32])
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4, 8])
 @pytest.mark.parametrize("seq_q", [1, 3])

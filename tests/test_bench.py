@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from gqa_uptrain import bench, hf, hostmem, perf
+from gqa_uptrain import bench, hf, perf
+from gqa_uptrain.cpu import hostmem
 from gqa_uptrain.model import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""hostmem: the training commands' re-run with glibc malloc settings; xla_cpu's option check.
+"""hostmem: the training commands' re-run with glibc malloc settings; cpu.xla_options' option check.
 
 What the settings buy (fewer page faults, a faster step) is measured by the training benchmark and
 recorded in hostmem.py, not asserted here: a small probe's page-fault count under them varied from
@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from gqa_uptrain import hostmem, xla_cpu
+from gqa_uptrain.cpu import hostmem
+from gqa_uptrain.cpu import xla_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # how many processes printed (the re-run replaces the first one: exactly one line).
 _PROBE = """
 import json
-from gqa_uptrain import hostmem
+from gqa_uptrain.cpu import hostmem
 hostmem.reexec_with_tuned_malloc()
 print(json.dumps(hostmem.in_force()))
 """
@@ -51,8 +52,8 @@ def test_wanted_respects_opt_out_and_settings_already_made():
 
 
 def test_decode_options_fall_back_when_xla_lacks_the_option():
-    assert not xla_cpu.accepted({"xla_cpu_no_such_option_anywhere": ""})
-    assert xla_cpu.decode_options(xla_cpu.SMALL_HEAD_DIM) is None  # small heads: XLA's defaults
+    assert not xla_options.accepted({"xla_cpu_no_such_option_anywhere": ""})
+    assert xla_options.decode_options(xla_options.YNN_KEPT_MAX_HEAD_DIM) is None  # small heads: XLA's defaults
     # Wider heads on CPU: the option exactly when this XLA compiles with it, else XLA's defaults.
-    known = xla_cpu.accepted(xla_cpu.YNN_FUSIONS_OFF)
-    assert xla_cpu.decode_options(64) == (xla_cpu.YNN_FUSIONS_OFF if known else None)
+    known = xla_options.accepted(xla_options.YNN_FUSIONS_OFF)
+    assert xla_options.decode_options(64) == (xla_options.YNN_FUSIONS_OFF if known else None)

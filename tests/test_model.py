@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from gqa_uptrain import attention as attention_lib
+from gqa_uptrain import cpu
 from gqa_uptrain import model as model_lib
+from gqa_uptrain.cpu import dense as cpu_dense
 
 NUM_HEADS = 4
 
@@ -104,12 +106,15 @@ def test_no_kv_tensor_with_num_heads_heads_in_model_decode_jaxpr():
     assert not _has_repeated_kv(shapes, 11, 6, 8)
 
 
-# head_dim 8 and 32: on either side of xla_cpu.SMALL_HEAD_DIM, where the decode step's compiler
-# options change.
+# head_dim 8 and 32: on either side of cpu.xla_options.YNN_KEPT_MAX_HEAD_DIM, where the decode
+# step's compiler options change; with head_dim 32 the CPU tuning is on (cpu.enable()), as in
+# the command lines, so the options and the custom-gradient projections are both covered.
 @pytest.mark.parametrize("d_model", [32, 128])
 @pytest.mark.parametrize("num_kv_heads", [1, 2, NUM_HEADS])
 @pytest.mark.parametrize("implementation", ["auto", "reference"])
-def test_prefill_then_steps_reproduce_full_forward(num_kv_heads, implementation, d_model):
+def test_prefill_then_steps_reproduce_full_forward(num_kv_heads, implementation, d_model,
+                                                   monkeypatch):
+    monkeypatch.setattr(cpu, "_enabled", d_model == 128)
     model = model_lib.build_model(tiny_config(num_kv_heads, d_model=d_model), seed=2)
     batch, seq = 3, 12
     tokens = _tokens(batch, seq, seed=3)
@@ -213,13 +218,27 @@ def test_kv_cache_holds_only_kv_heads_and_bytes_per_token():
 
 
 def test_dense_gradients_match_plain_matmul():
-    """model.dense's custom CPU gradient (x^T materialised) against autodiff of plain x @ w."""
+    """cpu.dense's custom gradient (x^T materialised) against autodiff of plain x @ w; and
+    model.dense takes it exactly when the CPU tuning is on."""
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(3), 3)
     for d_in, d_out in ((24, 40), (40, 24)):  # x wider than grad, and the reverse
         x = jax.random.normal(kx, (3, 7, d_in), jnp.float32)
         w = jax.random.normal(kw, (d_in, d_out), jnp.float32)
         probe = jax.random.normal(kg, (3, 7, d_out), jnp.float32)
-        ours = jax.grad(lambda x, w: jnp.sum(model_lib.dense(x, w) * probe), argnums=(0, 1))(x, w)
+        ours = jax.grad(lambda x, w: jnp.sum(cpu_dense.dense(x, w) * probe), argnums=(0, 1))(x, w)
         plain = jax.grad(lambda x, w: jnp.sum((x @ w) * probe), argnums=(0, 1))(x, w)
         for a, b in zip(ours, plain):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # fp32: summation order only
+
+
+def test_dense_is_plain_unless_the_cpu_tuning_is_on(monkeypatch):
+    x, w = jnp.ones((2, 3)), jnp.ones((3, 4))
+
+    def custom_calls(enabled):
+        monkeypatch.setattr(cpu, "_enabled", enabled)
+        # A fresh function each time: jax caches traces by function, not by the flag.
+        jaxpr = jax.make_jaxpr(lambda x, w: model_lib.dense(x, w))(x, w)
+        return sum(e.primitive.name.startswith("custom_vjp") for e in jaxpr.jaxpr.eqns)
+
+    assert custom_calls(False) == 0
+    assert custom_calls(True) == (1 if jax.default_backend() == "cpu" else 0)

@@ -36,7 +36,8 @@ def machine_info() -> dict[str, Any]:
     """Where and when a benchmark ran: what the README's tables cite beside the command."""
     import jax  # noqa: PLC0415
 
-    from gqa_uptrain import hostmem, perf  # noqa: PLC0415 (perf imports jax, like the line above)
+    from gqa_uptrain import perf  # noqa: PLC0415 (perf imports jax, like the line above)
+    from gqa_uptrain.cpu import hostmem  # noqa: PLC0415
 
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),

@@ -21,17 +21,17 @@ from typing import Any
 import jax
 
 YNN_FUSIONS_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
-SMALL_HEAD_DIM = 16  # up to this head_dim the decode step keeps XLA's defaults
+YNN_KEPT_MAX_HEAD_DIM = 16  # up to this head_dim the decode step keeps XLA's YNNPACK fusions
 
 
 def decode_options(head_dim: int) -> dict[str, Any] | None:
     """compiler_options for the decode step's jax.jit: YNNPACK fusions off on CPU for head_dim >
-    SMALL_HEAD_DIM, else None (XLA's defaults).
+    YNN_KEPT_MAX_HEAD_DIM, else None (XLA's defaults).
 
     None too when this XLA does not know the option (it is experimental): a tiny computation is
     compiled with it once to find out, so a renamed flag costs speed, never a failure.
     """
-    if head_dim <= SMALL_HEAD_DIM or jax.default_backend() != "cpu":
+    if head_dim <= YNN_KEPT_MAX_HEAD_DIM or jax.default_backend() != "cpu":
         return None
     return dict(YNN_FUSIONS_OFF) if _ynn_option_known() else None
 
