@@ -40,9 +40,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Any
 
@@ -55,21 +53,20 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from gqa_uptrain import checkpoints, config_keys, data, evaluate, loading, optim, sharding
+from gqa_uptrain.metrics_log import MetricsLog
 from gqa_uptrain.model import ModelConfig, Transformer, abstract_params, get_params
+from gqa_uptrain.stop_signals import SIGINT_EXIT, StopSignals
 
 CONFIG_FILE = "train_config.json"  # not config.json: that name marks a Hugging Face folder
 RUN_FILE = "run.json"
 MANIFEST_FILE = "data_manifest.json"
-METRICS_FILE = "metrics.jsonl"
 CHANGES_FILE = "config_changes.jsonl"  # accepted config changes on resume, one JSON line each
-TB_DIR = "tensorboard"
 # Config keys (and sub-configs) that may change between a run and its resume: they change the
 # cadence or the output of a run, or where it runs, never what the params become.
 RESUMABLE_CHANGES = ("mesh", "progress_bar", "log_every", "eval_every", "checkpoint_every",
                      "keep_checkpoints")
 # Keys that set the run's length: accepted under the schedule rule (module docstring).
 LENGTH_KEYS = ("num_steps", "alpha")
-SIGINT_EXIT = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 
 
 class TrainError(ValueError):
@@ -141,74 +138,6 @@ def make_train_step(model_config: ModelConfig, tx, *, implementation: str, remat
 
 def _global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def _summary_writer(logdir: str, purge_step: int | None):
-    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch only to
-    recognise its tensors (we log floats), and that import costs seconds at every start."""
-    blocked = "torch" not in sys.modules
-    if blocked:
-        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which it catches
-    try:
-        from tensorboardX import SummaryWriter  # noqa: PLC0415
-    finally:
-        if blocked:
-            del sys.modules["torch"]
-    return SummaryWriter(logdir, purge_step=purge_step)
-
-
-class MetricsLog:
-    """WORKDIR/metrics.jsonl (one JSON object per line, each with `step`) and TensorBoard events.
-
-    On resume from step s, lines with step > s are dropped (they were written after the checkpoint
-    the run resumed from) and TensorBoard is told to purge events past s; a fresh start truncates.
-    Only process 0 writes.
-    """
-
-    def __init__(self, workdir: str, start_step: int, resumed: bool):
-        self.enabled = _is_main()
-        self.path = os.path.join(workdir, METRICS_FILE)
-        self.tb = None
-        if not self.enabled:
-            return
-        kept = []
-        if resumed and os.path.exists(self.path):
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut by a kill
-                        continue
-                    if record["step"] <= start_step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
-        self.file = open(self.path, "a")
-        self.tb = _summary_writer(os.path.join(workdir, TB_DIR),
-                                  start_step + 1 if resumed else None)
-
-    def write(self, step: int, record: dict[str, float]) -> None:
-        if not self.enabled or not record:
-            return
-        self.file.write(json.dumps({"step": step, **record}, sort_keys=True) + "\n")
-        self.file.flush()
-        for key, value in record.items():
-            self.tb.add_scalar(key, value, step)
-
-    def flush(self) -> None:
-        if self.enabled:
-            self.file.flush()
-            self.tb.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            self.tb.close()
 
 
 # ----------------------------------------------------------------------------- run set-up
@@ -398,46 +327,6 @@ def _check_finite(step: int, step_metrics: dict[str, jax.Array], workdir: str
             + ", ".join(f"{k}={v}" for k, v in sorted(values.items()))
             + f"; nothing was saved after it; the last good checkpoint is {latest or 'none'}")
     return values
-
-
-class StopSignals:
-    """SIGTERM and SIGINT ask the run to stop after the current step (module docstring); a second
-    SIGINT exits at once. Installed for the whole run, set-up included, so a Ctrl-C while data is
-    tokenized or the step compiles never raises KeyboardInterrupt inside jax (seen: a traceback, or
-    a segmentation fault when the signal reached the process group while steps were running)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: str | None = None  # 'SIGTERM' | 'SIGINT'
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.received == "SIGINT":
-            os.write(2, b"error: second SIGINT: aborted at once; nothing saved since the last "
-                        b"checkpoint\n")
-            os._exit(SIGINT_EXIT)  # no interpreter teardown while XLA threads are running
-        self.received = self.received or signal.Signals(signum).name
-
-    def __enter__(self) -> "StopSignals":
-        # Handlers can only be installed from the main thread (tests may train in others).
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.received:  # stopping: a Ctrl-C until the process exits still aborts at once
-            return
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def sync(self) -> None:
-        """A signal to any process stops them all (each process sees the first one received)."""
-        if jax.process_count() > 1:
-            names = ("", "SIGTERM", "SIGINT")
-            codes = multihost_utils.process_allgather(np.array(names.index(self.received or "")))
-            if not self.received and codes.max() > 0:
-                self.received = names[int(codes[codes > 0][0])]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -707,9 +596,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from gqa_uptrain import hostmem
+    from gqa_uptrain import cpu
 
-    hostmem.reexec_with_tuned_malloc()  # XLA's per-step page faults (hostmem.py)
+    # The CPU tuning (gqa_uptrain/cpu/), first of all the malloc re-run (cpu/hostmem.py: XLA's
+    # per-step page faults); nothing else is done yet, since the process may be replaced.
+    cpu.enable(tune_malloc=True)
     from absl import flags
     from ml_collections import config_flags
 

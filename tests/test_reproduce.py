@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from experiments import presets, results, suite  # noqa: E402
-from gqa_uptrain import checkpoints, train  # noqa: E402
+from gqa_uptrain import checkpoints, metrics_log  # noqa: E402
 
 # Where the README's results come from (issues 6 and 8): the committed results of a `cpu` run and
 # of a `methods` run, and the README sections holding their tables between these markers.
@@ -75,7 +75,7 @@ def test_tiny_suite_writes_every_output_then_skips_finished_runs(tmp_path):
     # Sweep points come from checkpoints evaluated after training; the last one is also the
     # trainer's own final evaluation: two paths to the same number.
     top = preset.steps(max(preset.sweep_alphas))
-    with open(os.path.join(out, "runs", "sweep_g1_mean_s0", train.METRICS_FILE)) as f:
+    with open(os.path.join(out, "runs", "sweep_g1_mean_s0", metrics_log.METRICS_FILE)) as f:
         final = [json.loads(line) for line in f][-1]
     assert final["step"] == top
     assert by_name["sweep_g1_mean_a0.1_s0"]["val_loss"] == pytest.approx(final["val/loss"],

@@ -1,6 +1,6 @@
 """The README's `tensorboard --logdir WORKDIR/tensorboard` works: the trainer's own writer
-(train.MetricsLog) writes events that the real `tensorboard` executable, installed by the README's
-install command (pyproject.toml), serves back over its HTTP API with the values written.
+(metrics_log.MetricsLog) writes events that the real `tensorboard` executable, installed by the
+README's install command (pyproject.toml), serves back over its HTTP API with the values written.
 
 Local only: tensorboard binds 127.0.0.1 on a free port; nothing is downloaded.
 """
@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from gqa_uptrain import train
+from gqa_uptrain import metrics_log
 
 TENSORBOARD = os.path.join(os.path.dirname(sys.executable), "tensorboard")
 WRITTEN = {0: 5.5, 10: 4.25, 20: 3.125}  # step -> train/loss
@@ -39,11 +39,11 @@ def _get(port: int, path: str, **query: str):
 
 def test_tensorboard_serves_the_trainers_scalars(tmp_path):
     assert os.path.exists(TENSORBOARD), "the install command must install tensorboard"
-    log = train.MetricsLog(str(tmp_path), 0, resumed=False)
+    log = metrics_log.MetricsLog(str(tmp_path), 0, resumed=False)
     for step, loss in WRITTEN.items():
         log.write(step, {"train/loss": loss, "train/lr": 1e-3 * (step + 1)})
     log.close()
-    logdir = tmp_path / train.TB_DIR
+    logdir = tmp_path / metrics_log.TB_DIR
     assert logdir.is_dir()
 
     port, output = _free_port(), open(tmp_path / "tensorboard.log", "w+")

@@ -177,7 +177,8 @@ def test_sigint_saves_the_current_step_exits_130_and_the_rerun_continues(tmp_pat
 def test_second_sigint_aborts_at_once():
     """The run's signal handling in a real process that never finishes its "step" by itself: the
     first SIGINT only asks it to stop; the second ends it at once with status 130 and one line."""
-    code = ("import time\nfrom gqa_uptrain import train\nwith train.StopSignals() as stop:\n"
+    code = ("import time\nfrom gqa_uptrain import stop_signals\n"
+            "with stop_signals.StopSignals() as stop:\n"
             "    print('ready', flush=True)\n"
             "    while True:\n        time.sleep(0.01)\n"
             "        if stop.received: print('stopping', flush=True); break\n"
