@@ -1,4 +1,5 @@
-"""Scoring a model: mean negative log-likelihood per predicted token, and the evaluation CLI.
+"""Scoring a model: mean negative log-likelihood per predicted token (the loss: losses.py) over a
+token stream, and the evaluation CLI.
 
     python -m gqa_uptrain.evaluate --checkpoint=PATH [--text_file=FILE] [--seq_len=N]
 
@@ -23,62 +24,13 @@ import os
 import sys
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
-from gqa_uptrain import data, loading
-from gqa_uptrain.model import ModelConfig, Transformer
+from gqa_uptrain import data, loading, losses
 
 # Without a recorded training length (a Hugging Face folder), windows are this long.
 DEFAULT_SEQ_LEN = 1024
-
-
-def make_apply(config: ModelConfig) -> Callable[..., jax.Array]:
-    """apply(params, tokens, *, segment_ids, positions, implementation, remat) -> logits.
-
-    A pure function of the flat params dict (the pytree the trainer shards and differentiates):
-    it rebuilds the NNX module from the params inside the trace. tokens [batch, seq] ->
-    logits [batch, seq, vocab] float32.
-    """
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
-    flat = list(nnx.to_flat_state(state))
-    names = [".".join(str(p) for p in path) for path, _ in flat]
-
-    def apply(params, tokens, *, segment_ids=None, positions=None, implementation="auto",
-              remat=False):
-        state = nnx.from_flat_state(
-            [(path, var.replace(params[name])) for (path, var), name in zip(flat, names)])
-        model = nnx.merge(graphdef, state)
-        return model(tokens, segment_ids=segment_ids, positions=positions,
-                     implementation=implementation, remat=remat)
-
-    return apply
-
-
-def nll_sum(apply, params, batch: dict[str, jax.Array], *, implementation: str = "auto",
-            remat: bool = False) -> tuple[jax.Array, jax.Array]:
-    """(sum of -log p(target) over tokens with loss_mask, number of such tokens), float32 scalars.
-
-    batch: data.BATCH_KEYS, each [batch, seq] int32.
-    """
-    logits = apply(params, batch["inputs"], segment_ids=batch["segment_ids"],
-                   positions=batch["positions"], implementation=implementation, remat=remat)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [b, t]
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(nll * mask), jnp.sum(mask)
-
-
-def make_eval_step(config: ModelConfig, implementation: str, out_sharding=None):
-    """Jitted (params, batch) -> (nll sum, token count)."""
-    apply = make_apply(config)
-
-    def step(params, batch):
-        return nll_sum(apply, params, batch, implementation=implementation)
-
-    return jax.jit(step, out_shardings=out_sharding)
 
 
 def evaluate_stream(eval_step, params, stream: data.TokenStream, *, seq_len: int,
@@ -156,7 +108,7 @@ def evaluate_model(path: str, *, text_file: str = "", seq_len: int = 0, batch_si
         stream, manifest = data.load_split(spec, tokenizer, "validation", cache)
         text = f"validation split ({spec.source}, sha256 {manifest['sha256'][:12]})"
     params = {k: jnp.asarray(v) for k, v in params.items()}
-    result = evaluate_stream(make_eval_step(config, implementation), params, stream,
+    result = evaluate_stream(losses.make_eval_step(config, implementation), params, stream,
                              seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
     return {**result, "checkpoint": info["path"], "step": info["step"], "seq_len": seq_len,
             "text": text}
@@ -183,7 +135,9 @@ def main(argv):
 if __name__ == "__main__":
     from absl import flags
 
-    from gqa_uptrain import cli
+    from gqa_uptrain import cli, cpu
+
+    cpu.enable()  # the CPU tuning the command lines run with (gqa_uptrain/cpu/)
 
     flags.DEFINE_string("checkpoint", None, "checkpoint, workdir, or Hugging Face folder",
                         required=True)

@@ -52,7 +52,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from gqa_uptrain import checkpoints, config_keys, data, evaluate, loading, optim, sharding
+from gqa_uptrain import (checkpoints, config_keys, data, evaluate, loading, losses, optim,
+                         sharding)
 from gqa_uptrain.metrics_log import MetricsLog
 from gqa_uptrain.model import ModelConfig, Transformer, abstract_params, get_params
 from gqa_uptrain.stop_signals import SIGINT_EXIT, StopSignals
@@ -108,11 +109,11 @@ def make_train_step(model_config: ModelConfig, tx, *, implementation: str, remat
     mean over all predicted tokens of the global batch: per-micro-batch sums are accumulated in a
     scan and divided once by the total token count.
     """
-    apply = evaluate.make_apply(model_config)
+    apply = losses.make_apply(model_config)
 
     def loss_sum(params, micro):
-        return evaluate.nll_sum(apply, params, micro, implementation=implementation,
-                                remat=remat)[0]
+        return losses.nll_sum(apply, params, micro, implementation=implementation,
+                              remat=remat)[0]
 
     grad_fn = jax.value_and_grad(loss_sum)
 
@@ -427,8 +428,8 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
                         remat=config.remat),
         in_shardings=(param_sh, opt_sh, batch_sh), out_shardings=(param_sh, opt_sh, repl),
         donate_argnums=(0, 1))
-    eval_step = evaluate.make_eval_step(model_config, config.attention_implementation,
-                                        out_sharding=repl)
+    eval_step = losses.make_eval_step(model_config, config.attention_implementation,
+                                      out_sharding=repl)
     eval_sh = jax.sharding.NamedSharding(mesh, sharding.batch_spec())
 
     def put_eval_batch(rows_fn):

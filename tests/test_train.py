@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import _helpers_train as h
-from gqa_uptrain import checkpoints, data, evaluate, optim, pooling, train
+from gqa_uptrain import checkpoints, data, evaluate, losses, optim, pooling, train
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -98,7 +98,7 @@ def test_uptrain_starts_at_the_converted_models_loss(pretrained, tmp_path):
     converted, conv_config = pooling.convert_params(params, meta_src.model_config, 2)
     spec = data.DataSpec.from_dict({**pre_config.data.to_dict(), "cache_dir": str(tmp_path)})
     stream, _ = data.load_split(spec, data.ByteTokenizer(), "validation", str(tmp_path))
-    step = evaluate.make_eval_step(conv_config, "auto")
+    step = losses.make_eval_step(conv_config, "auto")
     expected = evaluate.evaluate_stream(step, {k: jnp.asarray(v) for k, v in converted.items()},
                                         stream, seq_len=32, batch_size=4, max_batches=2)
     first = h.metrics(workdir)[0]
