@@ -18,6 +18,7 @@ Rerunning the same command after a kill resumes from the workdir's latest checkp
 import ml_collections
 from ml_collections import config_dict
 
+from gqa_uptrain import config_blocks
 from gqa_uptrain.config_args import parse_config_arg
 
 # Model sizes. 'cpu': 4 layers, d_model 256, 8 heads of 32 (so it can be pooled to 4, 2 or 1 KV
@@ -65,20 +66,7 @@ def get_config(arg=None):
         **SIZES[args["size"]],
     ))
 
-    c.data = ml_collections.ConfigDict(dict(
-        source="stdlib",  # 'stdlib' | 'files' | 'hf' (data.py)
-        path="",  # 'files': comma-separated globs
-        val_path="",  # 'files': validation globs ('' = split by hash)
-        hf_name="",
-        hf_config="",
-        train_split="train",
-        val_split="",  # '' = split train_split by hash
-        text_field="text",
-        val_fraction=0.02,  # of the stdlib's ~730 files: ~16 files, ~120k bytes
-        tokenizer="byte",
-        seq_len=256,
-        cache_dir="",  # '' = WORKDIR/data_cache
-    ))
+    c.data = config_blocks.data_block(tokenizer="byte")  # the stdlib corpus, windows of 256
 
     c.num_steps = 350  # see SIZES: ~14 minutes on 2 idle CPU cores
     c.alpha = 0.0  # only read when num_steps == -1 (uptraining: alpha x the source's steps)
@@ -87,27 +75,14 @@ def get_config(arg=None):
     c.remat = False  # recompute activations in the backward pass (memory for compute)
     c.attention_implementation = "auto"
 
-    c.optimizer = ml_collections.ConfigDict(dict(
+    # AdamW, cosine to 0.1 x the peak (config_blocks.optimizer_block).
+    c.optimizer = config_blocks.optimizer_block(
         learning_rate=3e-3,  # high for a transformer, right for a 3M-param model on few steps
-        schedule="cosine",  # 'cosine' | 'constant' | 'wsd'
-        warmup_steps=30,
-        decay_fraction=0.2,  # 'wsd' only: share of steps in the final decay
-        min_lr_ratio=0.1,
-        b1=0.9,
-        b2=0.95,
-        eps=1e-8,
-        weight_decay=0.1,
-        clip_norm=1.0,
-    ))
+        warmup_steps=30)
 
-    c.log_every = 10
-    c.eval_every = 100  # 0 = only at the end
-    c.eval_batches = 4  # batches per periodic validation (-1 = the whole split)
-    c.final_eval_batches = -1  # at the last step: the whole validation split (0 = none)
-    c.checkpoint_every = 100  # and always at the end / on SIGTERM
-    c.keep_checkpoints = 3
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 = the remaining devices
-    c.progress_bar = True
+    # Validation on 4 batches every 100 steps and on the whole split at the end; a checkpoint
+    # every 100 steps (the last 3 kept); all devices on the data axis (config_blocks.output_keys).
+    c.update(config_blocks.output_keys(log_every=10, eval_every=100, checkpoint_every=100))
 
     if args["size"] == "base":  # an accelerator run: ~85M params, 64 x 1024 tokens a step
         c.model.dtype = "bfloat16"

@@ -22,6 +22,7 @@ uptraining continues the same pretraining on the same data; the model comes from
 
 import ml_collections
 
+from gqa_uptrain import config_blocks
 from gqa_uptrain.config_args import parse_config_arg
 
 
@@ -38,20 +39,10 @@ def get_config(arg=None):
     c.convert_seed = 0
     c.model = None  # the architecture comes from init_checkpoint
 
-    c.data = ml_collections.ConfigDict(dict(
-        source="stdlib",
-        path="",
-        val_path="",
-        hf_name="",
-        hf_config="",
-        train_split="train",
-        val_split="",
-        text_field="text",
-        val_fraction=0.02,  # same split as pretraining: validation stays unseen
-        tokenizer="auto",  # the source's own: byte for this project's runs, tokenizer.json for HF
-        seq_len=256,
-        cache_dir="",
-    ))
+    # The same data as pretraining (config_blocks.data_block), the same val_fraction included, so
+    # the validation split stays unseen.
+    c.data = config_blocks.data_block(
+        tokenizer="auto")  # the source's own: byte for this project's runs, tokenizer.json for HF
 
     # The paper's headline: alpha = 0.05 of the pretraining steps. -1 reads the source's steps
     # from its checkpoint (meta.json); a Hugging Face source needs num_steps set explicitly.
@@ -64,7 +55,7 @@ def get_config(arg=None):
 
     # The recipe. A fresh optimizer: the source's Adam moments belong to the unpooled K/V heads
     # (different shapes and statistics) and a Hugging Face source has none.
-    c.optimizer = ml_collections.ConfigDict(dict(
+    c.optimizer = config_blocks.optimizer_block(
         # A third of pretraining's peak (3e-3): the converted model already sits near a good
         # solution; re-warming to the full peak first undoes part of the pretraining (the loss
         # rises before it falls), while pretraining's final rate (3e-4) moves the pooled heads too
@@ -77,24 +68,10 @@ def get_config(arg=None):
         # parameter whatever the gradient), so a short warmup keeps them from jolting the converted
         # weights. Short, because alpha x steps is short: 18 steps for the CPU pretraining run.
         # The trainer caps it at num_steps.
-        warmup_steps=5,
-        decay_fraction=0.2,
-        min_lr_ratio=0.1,
-        b1=0.9,
-        b2=0.95,
-        eps=1e-8,
-        weight_decay=0.1,
-        clip_norm=1.0,
-    ))
+        warmup_steps=5)
 
-    c.log_every = 5
-    c.eval_every = 10  # and at step 0: the converted model's loss before any uptraining
-    c.eval_batches = 4
-    c.final_eval_batches = -1
-    c.checkpoint_every = 10
-    c.keep_checkpoints = 3
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.progress_bar = True
+    # Validation every 10 steps and at step 0 (the converted model's loss before any uptraining).
+    c.update(config_blocks.output_keys(log_every=5, eval_every=10, checkpoint_every=10))
 
     if args["smoke"]:  # matches configs/pretrain.py:smoke
         c.data.seq_len = 64

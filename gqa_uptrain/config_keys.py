@@ -1,9 +1,9 @@
 """One line per training-config key: what `train --help` and `train --print_config` show.
 
 ConfigDict keeps no comments, so the meaning of each key the trainer reads lives here, next to
-the config files' defaults (configs/pretrain.py, configs/uptrain.py). tests/test_train_cli.py
-checks that every key of every config variant has a line and that no line names a key that no
-config has.
+the config files' defaults (configs/pretrain.py, configs/uptrain.py, and the blocks they share:
+config_blocks.py). tests/test_train_cli.py checks that every key of every config variant has a
+line and that no line names a key that no config has.
 """
 
 from __future__ import annotations
