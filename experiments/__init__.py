@@ -1,1 +1,1 @@
-"""The reproduction suite (reproduce.py is its command line); see suite.py."""
+"""The reproduction suite (reproduce.py is its command line); see planning.py and suite.py."""

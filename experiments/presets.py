@@ -1,7 +1,7 @@
 """The reproduction suite's presets: model, pretraining length P, which runs, and the speed setting.
 
-A preset is data; experiments/suite.py turns it into runs. Each preset's docstring records its token
-arithmetic: params, tokens per step, steps of every run, alpha x P. Throughputs quoted are the
+A preset is data; experiments/planning.py turns it into runs. Each preset's docstring records its
+token arithmetic: params, tokens per step, steps of every run, alpha x P. Throughputs quoted are the
 ones measured on this project's 2-core CPU by this project's trainer: ~2.9-3.0k tokens/s for the
 0.92M-param `cpu` model (its first real run; an earlier estimate of ~7k for a 1M model, scaled
 from a larger shape, was far off for this one), ~1.5k for the 3.5M `full` model (`bench train`).
@@ -44,7 +44,7 @@ class Preset:
     kv_heads: tuple[int, ...]  # every G < num_heads: converted, evaluated at alpha 0, uptrained
     sweep_kv_heads: tuple[int, ...]  # Fig. 5: one constant-schedule uptraining run each
     ablation_kv_heads: tuple[int, ...]  # Fig. 4
-    ablation_methods: tuple[str, ...]  # names in merging.METHODS (suite.METHODS)
+    ablation_methods: tuple[str, ...]  # names in merging.METHODS (planning.METHODS)
     ablation_seeds: tuple[int, ...]
     scratch_kv_heads: tuple[int, ...]  # GQA from scratch for (1 + alpha) P steps
     eval_batches: int  # validation batches of batch_size x seq_len per evaluation; -1 = whole split

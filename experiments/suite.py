@@ -1,14 +1,6 @@
 """The reproduction suite: a preset's runs, executed in order in one process, each skipped when done.
 
-Runs (experiments/presets.py sizes them; results.py names and validates their records):
-  pretrain  MHA from scratch for P steps (configs/pretrain.py)
-  continue  the same MHA uptrained for alpha P steps with the uptraining recipe: the fair reference
-  convert   K/V heads reduced to G by a method (METHODS), saved as a checkpoint, evaluated: alpha 0
-  uptrain   a converted checkpoint uptrained for alpha P steps (configs/uptrain.py: cosine schedule)
-  sweep     one uptraining run per G to max(alpha) P steps at a CONSTANT learning rate after warmup,
-            checkpointed at every swept alpha and evaluated there (Fig. 5: the points share one run,
-            so they differ only in steps; a cosine run would anneal differently for each length)
-  scratch   GQA from scratch for (1 + alpha) P steps
+What the runs are, what each starts from and each training's config: planning.py (plan()).
 Decode speed is measured once for every G (perf.decode_step_setup + perf.measure_decode, variants
 alternated) and attached to every record of that G.
 
@@ -24,13 +16,12 @@ Interrupting and rerunning the same command continues: finished records are skip
 training interrupted mid-way resumes from its workdir's latest checkpoint. Deleting speed.json
 (reproduce.py --remeasure_speed) times decode again and rewrites every record's decode figure.
 `reuse_from` copies the finished runs of another directory whose preset computes the same runs
-(RUN_FIELDS), e.g. the methods preset reusing a `cpu` run's pretraining and mean conversions.
+(planning.RUN_FIELDS), e.g. the methods preset reusing a `cpu` run's pretraining and mean conversions.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -42,136 +33,15 @@ from typing import Any
 
 import jax
 
-from experiments import plots, results
+from experiments import planning, plots, results
+from experiments.planning import Run, plan
 from experiments.presets import Preset
-from gqa_uptrain import checkpoints, convert, evaluate, merging, perf, train
-from gqa_uptrain.model import ModelConfig, kv_cache_bytes_per_token
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# Conversion methods: every name of merging.METHODS ('mean', 'first', 'random', 'similar+fit', ...),
-# converted by the converter's own path (convert.convert_checkpoint). Methods that read activations draw their
-# calibration rows from the train split with the run's seed (CALIBRATION_TOKENS tokens in rows of
-# the preset's seq_len), so for them the seed picks the calibration data as well as the uptraining
-# batch order.
-METHODS = merging.METHODS
-CALIBRATION_TOKENS = 16384
-
-
-# The preset fields that decide what a run of a given name computes (the rest only choose which runs
-# there are): two suite directories that agree on these hold the same record for the same name, so
-# one may reuse the other's finished runs (Suite.reuse_from).
-RUN_FIELDS = ("d_model", "num_layers", "num_heads", "mlp_dim", "seq_len", "batch_size",
-              "pretrain_steps", "pretrain_warmup_steps", "eval_batches", "speed_batch",
-              "speed_context", "speed_repeats", "alpha", "sweep_alphas")
-
-
-def is_seeded(method: str) -> bool:
-    """The conversion depends on the seed (else every seed shares the seed-0 checkpoint)."""
-    spec = merging.parse_method(method)
-    return spec.merge == "random" or spec.needs_calibration
+from gqa_uptrain import checkpoints, convert, evaluate, metrics_log, perf, train
+from gqa_uptrain.model import kv_cache_bytes_per_token
 
 
 def log(msg: str) -> None:
     print(f"[reproduce] {msg}", flush=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    kind: str
-    num_kv_heads: int
-    method: str
-    alpha: float
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return results.run_name(self.kind, self.num_kv_heads, self.method, self.alpha, self.seed)
-
-
-def plan(preset: Preset) -> list[Run]:
-    """Every record of the preset, in an order where each run's inputs come before it."""
-    n, a = preset.num_heads, preset.alpha
-    runs = [Run("pretrain", n, "scratch", 0.0, 0), Run("continue", n, "none", a, 0)]
-    for g in preset.kv_heads:
-        runs += [Run("convert", g, "mean", 0.0, 0), Run("uptrain", g, "mean", a, 0)]
-    for g in preset.sweep_kv_heads:
-        runs += [Run("sweep", g, "mean", alpha, 0) for alpha in preset.sweep_alphas if alpha > 0]
-    for g in preset.ablation_kv_heads:
-        for method in preset.ablation_methods:
-            for seed in preset.ablation_seeds:
-                runs += [Run("convert", g, method, 0.0, _convert_seed(method, seed)),
-                         Run("uptrain", g, method, a, seed)]
-    for g in preset.scratch_kv_heads:
-        runs.append(Run("scratch", g, "scratch", a, 0))
-    unique = list(dict.fromkeys(runs))  # mean seed 0 is also the main uptrain run; keep the first
-    for run in unique:
-        if run.kind in ("convert", "uptrain", "sweep") and run.method not in METHODS:
-            raise ValueError(f"preset {preset.name!r} lists method {run.method!r}, not one of "
-                             f"{', '.join(METHODS)}")
-    return unique
-
-
-def _convert_seed(method: str, seed: int) -> int:
-    return seed if is_seeded(method) else 0
-
-
-# ----------------------------------------------------------------------------- configs
-
-
-def _config_module(name: str):
-    path = os.path.join(REPO, "configs", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_suite_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _common(c, preset: Preset, num_steps: int, data_cache: str) -> None:
-    c.data.seq_len = preset.seq_len
-    c.data.cache_dir = data_cache  # one tokenised corpus for every run
-    c.batch_size = preset.batch_size
-    c.num_steps = num_steps
-    c.eval_every = 0  # no periodic evaluation: only the final one, on the preset's batches
-    c.final_eval_batches = preset.eval_batches
-    c.log_every = max(1, num_steps // 5)
-    # A few resume points per run, but not every step of a short one (each save costs ~0.3 s).
-    c.checkpoint_every = max(num_steps // 4, min(num_steps, 20))
-    c.keep_checkpoints = 1
-    c.progress_bar = False
-
-
-def pretrain_config(preset: Preset, num_kv_heads: int, num_steps: int, data_cache: str):
-    """configs/pretrain.py with the preset's model: MHA (num_kv_heads = num_heads) or GQA from
-    scratch."""
-    c = _config_module("pretrain").get_config()
-    c.model.update(d_model=preset.d_model, num_layers=preset.num_layers,
-                   num_heads=preset.num_heads, mlp_dim=preset.mlp_dim)
-    c.num_kv_heads = num_kv_heads
-    _common(c, preset, num_steps, data_cache)
-    c.optimizer.warmup_steps = preset.pretrain_warmup_steps
-    c.lock()
-    return c
-
-
-def uptrain_config(preset: Preset, init_checkpoint: str, num_steps: int, seed: int,
-                   data_cache: str, schedule: str = "cosine"):
-    """configs/uptrain.py from init_checkpoint (already converted: num_kv_heads = -1 keeps its
-    heads), batch order seed 1 + seed (pretraining used 0)."""
-    c = _config_module("uptrain").get_config()
-    c.init_checkpoint = init_checkpoint
-    c.seed = 1 + seed
-    _common(c, preset, num_steps, data_cache)
-    c.optimizer.schedule = schedule
-    c.optimizer.warmup_steps = min(preset.uptrain_warmup_steps, num_steps)
-    c.lock()
-    return c
-
-
-def source_model_config(preset: Preset) -> ModelConfig:
-    """The MHA model every run descends from."""
-    c = pretrain_config(preset, preset.num_heads, 1, "")
-    return train.scratch_model_config(c)
 
 
 # ----------------------------------------------------------------------------- executing runs
@@ -183,7 +53,7 @@ class Suite:
         self.preset = preset
         self.out = os.path.abspath(output_dir)
         self.data_cache = os.path.join(self.out, "data_cache")
-        self.model_config = source_model_config(preset)
+        self.model_config = planning.source_model_config(preset)
         self.speed: dict[str, Any] | None = None
         self.records: dict[str, dict[str, Any]] = {}
         self.summary: dict[str, list[str]] = {"ran": [], "skipped": [], "reused": []}
@@ -216,7 +86,7 @@ class Suite:
 
     def reuse_from(self, other_dir: str) -> None:
         """Copies the finished runs (record and workdir) and speed.json of another suite directory
-        whose preset agrees on RUN_FIELDS, for every run of this preset not finished here, so
+        whose preset agrees on planning.RUN_FIELDS, for every run of this preset not finished here, so
         they are skipped instead of repeated (e.g. the methods preset's pretraining from a `cpu`
         run). Sweep runs are not copied (their workdir is shared by several records)."""
         other = os.path.abspath(other_dir)
@@ -227,7 +97,7 @@ class Suite:
         with open(path) as f:
             theirs = json.load(f)["preset"]
         mine = json.loads(json.dumps(dataclasses.asdict(self.preset)))
-        diff = [k for k in RUN_FIELDS if theirs.get(k) != mine[k]]
+        diff = [k for k in planning.RUN_FIELDS if theirs.get(k) != mine[k]]
         if diff:
             raise ValueError(f"--reuse_from={other_dir}: its preset {theirs.get('name')!r} "
                              f"differs in {', '.join(diff)}; its runs are not this preset's")
@@ -310,68 +180,52 @@ class Suite:
                                    "(interrupted?); rerun the same command to continue")
         return loss, wall
 
-    def _convert_checkpoint(self, g: int, method: str, seed: int) -> str:
-        return os.path.join(self.workdir(results.run_name("convert", g, method, 0.0, seed)),
-                            "checkpoint")
+    def _output(self, run: Run) -> str:
+        """Where a run's training or conversion is: its workdir, or a conversion's checkpoint."""
+        workdir = self.workdir(planning.workdir_name(run))
+        return os.path.join(workdir, "checkpoint") if run.kind == "convert" else workdir
 
     def _evaluate(self, path: str) -> float:
         return evaluate.evaluate_model(path, batch_size=self.preset.batch_size,
                                        max_batches=self.preset.eval_batches,
                                        cache_dir=self.data_cache)["loss"]
 
-    # -- the kinds of run
-    def run_pretrain(self, run: Run) -> None:
-        p = self.preset
-        config = pretrain_config(p, p.num_heads, p.pretrain_steps, self.data_cache)
-        self.finish(run, *self._train(config, run.name))
+    def _training_config(self, run: Run):
+        init = planning.init_run(self.preset, run)
+        return planning.training_config(self.preset, run, self._output(init) if init else "",
+                                        self.data_cache)
 
-    def run_continue(self, run: Run) -> None:
-        p = self.preset
-        config = uptrain_config(p, self.workdir(results.run_name("pretrain", p.num_heads,
-                                                                  "scratch", 0.0, 0)),
-                                p.steps(run.alpha), run.seed, self.data_cache)
-        self.finish(run, *self._train(config, run.name))
+    # -- the kinds of run
+    def run_training(self, run: Run) -> None:
+        """pretrain, continue, uptrain, scratch: the record of the training's final evaluation."""
+        self.finish(run, *self._train(self._training_config(run), planning.workdir_name(run)))
+
+    run_pretrain = run_continue = run_uptrain = run_scratch = run_training
 
     def run_convert(self, run: Run) -> None:
         start = time.perf_counter()
         p = self.preset
-        source = self.workdir(results.run_name("pretrain", p.num_heads, "scratch", 0.0, 0))
+        source = self._output(planning.init_run(p, run))
         # The converter's own path (loading.load + loading.convert, its provenance); calibrated
         # methods draw CALIBRATION_TOKENS of byte-level train-split rows, chosen by the run's seed.
-        path = self._convert_checkpoint(run.num_kv_heads, run.method, run.seed)
+        path = self._output(run)
         convert.convert_checkpoint(
             source, path, run.num_kv_heads, run.method, run.seed, overwrite=True,
-            calibration=convert.CalibrationOptions(data="stdlib", num_tokens=CALIBRATION_TOKENS,
+            calibration=convert.CalibrationOptions(data="stdlib",
+                                                   num_tokens=planning.CALIBRATION_TOKENS,
                                                    seq_len=p.seq_len, tokenizer="byte"))
         loss = self._evaluate(path)
         self.finish(run, loss, time.perf_counter() - start)
 
-    def run_uptrain(self, run: Run) -> None:
-        init = self._convert_checkpoint(run.num_kv_heads, run.method,
-                                        _convert_seed(run.method, run.seed))
-        config = uptrain_config(self.preset, init, self.preset.steps(run.alpha), run.seed,
-                                self.data_cache)
-        self.finish(run, *self._train(config, run.name))
-
     def run_sweep(self, run: Run) -> None:
-        p = self.preset
-        max_steps = p.steps(max(p.sweep_alphas))
-        name = f"sweep_g{run.num_kv_heads}_{run.method}_s{run.seed}"
-        config = uptrain_config(p, self._convert_checkpoint(run.num_kv_heads, run.method, 0),
-                                max_steps, run.seed, self.data_cache, schedule="constant")
-        with config.unlocked():
-            config.checkpoint_every = p.sweep_checkpoint_every
-            config.keep_checkpoints = max_steps // p.sweep_checkpoint_every + 1  # keep them all
-        _, wall = self._train(config, name)
+        """Trains (or finds) the sweep's one run to max(alpha) and evaluates its checkpoint at
+        this point's alpha."""
+        name = planning.workdir_name(run)
+        _, wall = self._train(self._training_config(run), name)
         start = time.perf_counter()
-        loss = self._evaluate(checkpoints.step_dir(self.workdir(name), p.steps(run.alpha)))
+        loss = self._evaluate(checkpoints.step_dir(self.workdir(name),
+                                                   self.preset.steps(run.alpha)))
         self.finish(run, loss, wall + time.perf_counter() - start)
-
-    def run_scratch(self, run: Run) -> None:
-        p = self.preset
-        config = pretrain_config(p, run.num_kv_heads, p.pretrain_steps + p.steps(run.alpha),
-                                 self.data_cache)
-        self.finish(run, *self._train(config, run.name))
 
     # -- speed
     def measure_speed(self) -> None:
@@ -458,22 +312,11 @@ class Suite:
 
 def _final_val_loss(workdir: str, num_steps: int) -> float | None:
     """val/loss at step num_steps in WORKDIR/metrics.jsonl, or None (not trained that far)."""
-    path = os.path.join(workdir, train.METRICS_FILE)
-    if not os.path.exists(path) or checkpoints.latest_checkpoint(workdir) is None:
+    if checkpoints.latest_checkpoint(workdir) is None:
         return None
     if checkpoints.list_steps(workdir)[-1] != num_steps:
         return None
-    with open(path) as f:
-        for line in f:
-            try:
-                m = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if m.get("step") == num_steps and "val/loss" in m:
-                return float(m["val/loss"])
-    return None
-
-
+    return metrics_log.read_value(workdir, num_steps, "val/loss")
 
 
 def enable_compilation_cache(cache_dir: str) -> None:

@@ -82,3 +82,19 @@ class MetricsLog:
             self.file.close()
             self.tb.close()
 
+
+def read_value(workdir: str, step: int, key: str) -> float | None:
+    """The value of `key` at `step` in WORKDIR/metrics.jsonl (the first such line), or None; lines
+    cut by a kill are skipped."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        for line in f:
+            try:
+                m = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if m.get("step") == step and key in m:
+                return float(m[key])
+    return None

@@ -16,7 +16,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from experiments import presets, results, suite  # noqa: E402
+from experiments import planning, presets, results, suite  # noqa: E402
 from gqa_uptrain import checkpoints, metrics_log  # noqa: E402
 
 # Where the README's results come from (issues 6 and 8): the committed results of a `cpu` run and
@@ -64,7 +64,7 @@ def test_tiny_suite_writes_every_output_then_skips_finished_runs(tmp_path):
     obj = results.load_results(os.path.join(out, "results.json"))
     results.validate_results(obj)
     names = [r["name"] for r in obj["records"]]
-    assert names == [run.name for run in suite.plan(preset)]
+    assert names == [run.name for run in planning.plan(preset)]
     assert {r["kind"] for r in obj["records"]} == set(results.KINDS)
     for r in obj["records"]:
         assert set(r) == set(results.FIELDS)
@@ -118,7 +118,7 @@ def test_tiny_suite_writes_every_output_then_skips_finished_runs(tmp_path):
     out3 = str(tmp_path / "methods")
     log = _reproduce(out3, cache, "--preset=tiny_methods", f"--reuse_from={out}").stdout
     methods = presets.TINY_METHODS
-    plan3 = [run.name for run in suite.plan(methods)]
+    plan3 = [run.name for run in planning.plan(methods)]
     fresh = [n for n in plan3 if n not in by_name]
     assert fresh == ["convert_g1_similar+fit_s0", "uptrain_g1_similar+fit_a0.05_s0",
                      "convert_g1_similar+fit_s1", "uptrain_g1_similar+fit_a0.05_s1"]
@@ -144,7 +144,7 @@ def test_tiny_suite_writes_every_output_then_skips_finished_runs(tmp_path):
 
 def _good_record(**changes):
     preset = presets.TINY
-    config = suite.source_model_config(preset)
+    config = planning.source_model_config(preset)
     record = {"name": "uptrain_g1_random_a0.05_s2", "kind": "uptrain", "num_kv_heads": 1,
               "method": "random", "alpha": 0.05, "seed": 2, "steps": 5, "val_loss": 2.5,
               "val_perplexity": math.exp(2.5), "decode_ms_per_token": 1.25,
@@ -197,7 +197,7 @@ def test_run_names_spell_their_fields():
 @pytest.mark.parametrize("name", sorted(presets.PRESETS))
 def test_presets_plan_every_required_run_and_document_their_arithmetic(name):
     p = presets.PRESETS[name]
-    runs = suite.plan(p)
+    runs = planning.plan(p)
     assert len({r.name for r in runs}) == len(runs)
     kinds = {k: [r for r in runs if r.kind == k] for k in results.KINDS}
     assert len(kinds["pretrain"]) == len(kinds["continue"]) == 1
@@ -211,7 +211,7 @@ def test_presets_plan_every_required_run_and_document_their_arithmetic(name):
     for r in runs:
         if r.kind in ("uptrain",):
             assert results.run_name("convert", r.num_kv_heads, r.method, 0.0,
-                                    suite._convert_seed(r.method, r.seed)) in seen
+                                    planning.convert_seed(r.method, r.seed)) in seen
         seen.add(r.name)
     if not name.startswith("tiny"):  # the paper's setting: >= 8 query heads, G in {1, 2, 4, num_heads}
         assert p.num_heads >= 8 and {1, 2, 4} <= set(p.kv_heads)
@@ -260,7 +260,7 @@ def test_an_output_dir_of_another_preset_is_refused(tmp_path):
 def _synthetic_results():
     """A results.json object for an 8-head model with hand-picked numbers."""
     p = presets.CPU
-    config = suite.source_model_config(p)
+    config = planning.source_model_config(p)
 
     def rec(kind, g, method, alpha, seed, loss, ms):
         return {"name": results.run_name(kind, g, method, alpha, seed), "kind": kind,

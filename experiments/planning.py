@@ -1,0 +1,200 @@
+"""The reproduction suite's plan: which runs a preset has, what each one starts from, and the
+training config of each kind of run. Pure: nothing here trains, reads or writes (suite.py executes).
+
+Runs (experiments/presets.py sizes them; results.py names and validates their records):
+  pretrain  MHA from scratch for P steps (configs/pretrain.py)
+  continue  the same MHA uptrained for alpha P steps with the uptraining recipe: the fair reference
+  convert   K/V heads reduced to G by a method (METHODS), saved as a checkpoint, evaluated: alpha 0
+  uptrain   a converted checkpoint uptrained for alpha P steps (configs/uptrain.py: cosine schedule)
+  sweep     one uptraining run per G to max(alpha) P steps at a CONSTANT learning rate after warmup,
+            checkpointed at every swept alpha and evaluated there (Fig. 5: the points share one run,
+            so they differ only in steps; a cosine run would anneal differently for each length)
+  scratch   GQA from scratch for (1 + alpha) P steps
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+
+import ml_collections
+
+from experiments import results
+from experiments.presets import Preset
+from gqa_uptrain import merging, train
+from gqa_uptrain.model import ModelConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Conversion methods: every name of merging.METHODS ('mean', 'first', 'random', 'similar+fit', ...),
+# converted by the converter's own path (convert.convert_checkpoint). Methods that read activations draw their
+# calibration rows from the train split with the run's seed (CALIBRATION_TOKENS tokens in rows of
+# the preset's seq_len), so for them the seed picks the calibration data as well as the uptraining
+# batch order.
+METHODS = merging.METHODS
+CALIBRATION_TOKENS = 16384
+
+
+# The preset fields that decide what a run of a given name computes (the rest only choose which runs
+# there are): two suite directories that agree on these hold the same record for the same name, so
+# one may reuse the other's finished runs (suite.Suite.reuse_from).
+RUN_FIELDS = ("d_model", "num_layers", "num_heads", "mlp_dim", "seq_len", "batch_size",
+              "pretrain_steps", "pretrain_warmup_steps", "eval_batches", "speed_batch",
+              "speed_context", "speed_repeats", "alpha", "sweep_alphas")
+
+# The kinds of run that train (the others: convert, which converts and evaluates).
+TRAINING_KINDS = ("pretrain", "continue", "uptrain", "sweep", "scratch")
+
+
+def is_seeded(method: str) -> bool:
+    """The conversion depends on the seed (else every seed shares the seed-0 checkpoint)."""
+    spec = merging.parse_method(method)
+    return spec.merge == "random" or spec.needs_calibration
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    kind: str
+    num_kv_heads: int
+    method: str
+    alpha: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return results.run_name(self.kind, self.num_kv_heads, self.method, self.alpha, self.seed)
+
+
+def plan(preset: Preset) -> list[Run]:
+    """Every record of the preset, in an order where each run's inputs come before it."""
+    n, a = preset.num_heads, preset.alpha
+    runs = [Run("pretrain", n, "scratch", 0.0, 0), Run("continue", n, "none", a, 0)]
+    for g in preset.kv_heads:
+        runs += [Run("convert", g, "mean", 0.0, 0), Run("uptrain", g, "mean", a, 0)]
+    for g in preset.sweep_kv_heads:
+        runs += [Run("sweep", g, "mean", alpha, 0) for alpha in preset.sweep_alphas if alpha > 0]
+    for g in preset.ablation_kv_heads:
+        for method in preset.ablation_methods:
+            for seed in preset.ablation_seeds:
+                runs += [Run("convert", g, method, 0.0, convert_seed(method, seed)),
+                         Run("uptrain", g, method, a, seed)]
+    for g in preset.scratch_kv_heads:
+        runs.append(Run("scratch", g, "scratch", a, 0))
+    unique = list(dict.fromkeys(runs))  # mean seed 0 is also the main uptrain run; keep the first
+    for run in unique:
+        if run.kind in ("convert", "uptrain", "sweep") and run.method not in METHODS:
+            raise ValueError(f"preset {preset.name!r} lists method {run.method!r}, not one of "
+                             f"{', '.join(METHODS)}")
+    return unique
+
+
+def convert_seed(method: str, seed: int) -> int:
+    """The seed of the conversion an uptraining run of `seed` starts from."""
+    return seed if is_seeded(method) else 0
+
+
+def source_run(preset: Preset) -> Run:
+    """The MHA pretraining every other run descends from."""
+    return Run("pretrain", preset.num_heads, "scratch", 0.0, 0)
+
+
+def init_run(preset: Preset, run: Run) -> Run | None:
+    """The run whose output `run` starts from: the pretraining (continue, convert) or a conversion
+    (uptrain, sweep); None for the runs from scratch."""
+    if run.kind in ("continue", "convert"):
+        return source_run(preset)
+    if run.kind == "uptrain":
+        return Run("convert", run.num_kv_heads, run.method, 0.0,
+                   convert_seed(run.method, run.seed))
+    if run.kind == "sweep":  # one run per (G, method, seed) for all its alphas: seed-0 conversion
+        return Run("convert", run.num_kv_heads, run.method, 0.0, 0)
+    return None
+
+
+def workdir_name(run: Run) -> str:
+    """The directory (under runs/) of a run's training or conversion; a sweep's points share one."""
+    if run.kind == "sweep":
+        return f"sweep_g{run.num_kv_heads}_{run.method}_s{run.seed}"
+    return run.name
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _config_module(name: str):
+    path = os.path.join(REPO, "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_suite_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _common(c, preset: Preset, num_steps: int, data_cache: str) -> None:
+    c.data.seq_len = preset.seq_len
+    c.data.cache_dir = data_cache  # one tokenised corpus for every run
+    c.batch_size = preset.batch_size
+    c.num_steps = num_steps
+    c.eval_every = 0  # no periodic evaluation: only the final one, on the preset's batches
+    c.final_eval_batches = preset.eval_batches
+    c.log_every = max(1, num_steps // 5)
+    # A few resume points per run, but not every step of a short one (each save costs ~0.3 s).
+    c.checkpoint_every = max(num_steps // 4, min(num_steps, 20))
+    c.keep_checkpoints = 1
+    c.progress_bar = False
+
+
+def pretrain_config(preset: Preset, num_kv_heads: int, num_steps: int, data_cache: str):
+    """configs/pretrain.py with the preset's model: MHA (num_kv_heads = num_heads) or GQA from
+    scratch."""
+    c = _config_module("pretrain").get_config()
+    c.model.update(d_model=preset.d_model, num_layers=preset.num_layers,
+                   num_heads=preset.num_heads, mlp_dim=preset.mlp_dim)
+    c.num_kv_heads = num_kv_heads
+    _common(c, preset, num_steps, data_cache)
+    c.optimizer.warmup_steps = preset.pretrain_warmup_steps
+    c.lock()
+    return c
+
+
+def uptrain_config(preset: Preset, init_checkpoint: str, num_steps: int, seed: int,
+                   data_cache: str, schedule: str = "cosine"):
+    """configs/uptrain.py from init_checkpoint (already converted: num_kv_heads = -1 keeps its
+    heads), batch order seed 1 + seed (pretraining used 0)."""
+    c = _config_module("uptrain").get_config()
+    c.init_checkpoint = init_checkpoint
+    c.seed = 1 + seed
+    _common(c, preset, num_steps, data_cache)
+    c.optimizer.schedule = schedule
+    c.optimizer.warmup_steps = min(preset.uptrain_warmup_steps, num_steps)
+    c.lock()
+    return c
+
+
+def training_config(preset: Preset, run: Run, init_path: str, data_cache: str
+                    ) -> ml_collections.ConfigDict:
+    """The training config of a run of TRAINING_KINDS; init_path: the output of init_run(run)
+    (the pretraining's workdir or a converted checkpoint), '' for the runs from scratch."""
+    p = preset
+    if run.kind == "pretrain":
+        return pretrain_config(p, p.num_heads, p.pretrain_steps, data_cache)
+    if run.kind == "scratch":
+        return pretrain_config(p, run.num_kv_heads, p.pretrain_steps + p.steps(run.alpha),
+                               data_cache)
+    if run.kind in ("continue", "uptrain"):
+        return uptrain_config(p, init_path, p.steps(run.alpha), run.seed, data_cache)
+    if run.kind == "sweep":
+        max_steps = p.steps(max(p.sweep_alphas))
+        config = uptrain_config(p, init_path, max_steps, run.seed, data_cache,
+                                schedule="constant")
+        with config.unlocked():
+            config.checkpoint_every = p.sweep_checkpoint_every
+            config.keep_checkpoints = max_steps // p.sweep_checkpoint_every + 1  # keep them all
+        return config
+    raise ValueError(f"a {run.kind!r} run does not train")
+
+
+def source_model_config(preset: Preset) -> ModelConfig:
+    """The MHA model every run descends from."""
+    c = pretrain_config(preset, preset.num_heads, 1, "")
+    return train.scratch_model_config(c)
