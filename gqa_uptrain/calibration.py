@@ -89,10 +89,10 @@ def _layer_arrays(params: dict[str, Any], config: ModelConfig, layer: int) -> di
     names = merging.layer_names(layer)
     c = config
     out = {k: jnp.asarray(params[names[k]], jnp.float32) for k in ("q_proj", "k_proj", "v_proj")}
-    for key, heads in (("q_bias", c.num_heads), ("k_bias", c.num_kv_heads),
+    for key, count in (("q_bias", c.num_heads), ("k_bias", c.num_kv_heads),
                        ("v_bias", c.num_kv_heads)):
         out[key] = (jnp.asarray(params[names[key]], jnp.float32) if names[key] in params
-                    else jnp.zeros((heads, c.head_dim), jnp.float32))
+                    else jnp.zeros((count, c.head_dim), jnp.float32))
     return out
 
 

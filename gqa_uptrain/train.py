@@ -49,54 +49,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from gqa_uptrain import (checkpoints, config_keys, data, evaluate, loading, losses, optim,
                          sharding)
 from gqa_uptrain.metrics_log import MetricsLog
 from gqa_uptrain.model import ModelConfig, Transformer, abstract_params, get_params
+from gqa_uptrain.run_config import (CHANGES_FILE, CONFIG_FILE, RUN_FILE, TrainError,  # noqa: F401
+                                    check_resume_config, config_dict, is_main, log,
+                                    make_schedule, num_steps_of, sync, write_json_atomic)
 from gqa_uptrain.stop_signals import SIGINT_EXIT, StopSignals
 
-CONFIG_FILE = "train_config.json"  # not config.json: that name marks a Hugging Face folder
-RUN_FILE = "run.json"
 MANIFEST_FILE = "data_manifest.json"
-CHANGES_FILE = "config_changes.jsonl"  # accepted config changes on resume, one JSON line each
-# Config keys (and sub-configs) that may change between a run and its resume: they change the
-# cadence or the output of a run, or where it runs, never what the params become.
-RESUMABLE_CHANGES = ("mesh", "progress_bar", "log_every", "eval_every", "checkpoint_every",
-                     "keep_checkpoints")
-# Keys that set the run's length: accepted under the schedule rule (module docstring).
-LENGTH_KEYS = ("num_steps", "alpha")
-
-
-class TrainError(ValueError):
-    """A run that cannot start or continue as configured."""
-
-
-# ----------------------------------------------------------------------------- multi-host helpers
-
-
-def _is_main() -> bool:
-    return jax.process_index() == 0
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def _log(msg: str) -> None:
-    if _is_main():
-        tqdm.write(msg, file=sys.stdout)  # keeps a progress bar intact
-        sys.stdout.flush()
 
 
 # ----------------------------------------------------------------------------- steps
@@ -142,93 +106,6 @@ def _global_norm(tree) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- run set-up
-
-
-def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return json.loads(config.to_json_best_effort(sort_keys=True))
-
-
-def _flat_items(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat_items(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _config_diff(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (saved, now)} of the keys whose values differ."""
-    a, b = _flat_items(saved), _flat_items(now)
-    return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k)}
-
-
-def _make_schedule(config, num_steps: int):
-    o = config.optimizer
-    return optim.make_schedule(o.schedule, peak_lr=o.learning_rate,
-                               warmup_steps=min(o.warmup_steps, num_steps),
-                               total_steps=num_steps, decay_fraction=o.decay_fraction,
-                               min_lr_ratio=o.min_lr_ratio)
-
-
-def _num_steps(config, source_step: int | None, where: str) -> int:
-    """The run's length from config.num_steps (> 0), or alpha x source_step when it is -1."""
-    if config.num_steps > 0:
-        return config.num_steps
-    if config.num_steps != -1:
-        raise TrainError(f"config.num_steps={config.num_steps} must be > 0 or -1")
-    if source_step is None:
-        raise TrainError(f"config.num_steps=-1 means alpha x the source run's steps, but {where} "
-                         "records no steps; set config.num_steps")
-    if config.alpha <= 0:
-        raise TrainError(f"config.num_steps=-1 needs config.alpha > 0, got {config.alpha}")
-    return max(1, round(config.alpha * source_step))
-
-
-def _check_resume_config(config, workdir: str, run: dict[str, Any], step: int) -> dict[str, Any]:
-    """Compares the command's config with the run's saved one when resuming at `step` (module
-    docstring: what may change). Returns the run info, with num_steps updated when it changed."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    with open(path) as f:
-        saved = json.load(f)
-    current = _config_dict(config)
-    diff = _config_diff(saved, current)
-    refused = {k: v for k, v in diff.items()
-               if k.split(".")[0] not in RESUMABLE_CHANGES + LENGTH_KEYS}
-    if refused:
-        raise TrainError(f"{workdir} holds a run with a different config (key: (saved, now)) "
-                         f"{refused}; only {', '.join(RESUMABLE_CHANGES)} may change on resume "
-                         f"(num_steps under the schedule rule); use a new --workdir or the saved "
-                         "config")
-    if not diff:
-        return run
-    new_steps = _num_steps(config, run["source_step"], "the init checkpoint")
-    if new_steps != run["num_steps"]:
-        if new_steps < step:
-            raise TrainError(f"num_steps {run['num_steps']} -> {new_steps}: the run is already at "
-                             f"step {step}")
-        taken = jnp.arange(step)
-        before = np.asarray(_make_schedule(config, run["num_steps"])(taken))
-        after = np.asarray(_make_schedule(config, new_steps)(taken))
-        if not np.array_equal(before, after):
-            changed = int(np.flatnonzero(before != after)[0])
-            raise TrainError(
-                f"num_steps {run['num_steps']} -> {new_steps} changes the learning rate of steps "
-                f"already taken (the {config.optimizer.schedule} schedule at step {changed}: "
-                f"{before[changed]:.6g} -> {after[changed]:.6g}), so the run would be neither "
-                f"the old one nor the new one; use a new --workdir (or a 'constant' or 'wsd' "
-                "schedule, which can be extended before its decay starts)")
-        run = dict(run, num_steps=new_steps)
-    if _is_main():
-        record = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "changes": {k: list(v) for k, v in diff.items()}}
-        with open(os.path.join(workdir, CHANGES_FILE), "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-        _write_json_atomic(path, current)
-        _write_json_atomic(os.path.join(workdir, RUN_FILE), run)
-    return run
 
 
 def _data_spec(config, workdir: str) -> data.DataSpec:
@@ -281,7 +158,7 @@ def _new_run(config) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         model_config = scratch_model_config(config)
         params, info = None, {"init": {"scratch_seed": config.seed}, "source_step": None,
                               "auto_tokenizer": None}
-    num_steps = _num_steps(config, info["source_step"],
+    num_steps = num_steps_of(config, info["source_step"],
                            config.init_checkpoint or "scratch training")
     tokenizer = config.data.tokenizer
     if tokenizer == "auto":  # an init's own (_load_init_checkpoint); scratch trains on bytes
@@ -308,8 +185,8 @@ def _load_data(spec: data.DataSpec, tokenizer, workdir: str, resumed: bool, need
             if saved.get(split, {}).get("sha256") != manifest["sha256"]:
                 raise TrainError(f"the {split} data changed since this run started (manifest "
                                  f"{path}); resuming would not reproduce the run")
-    elif _is_main():
-        _write_json_atomic(path, manifests)
+    elif is_main():
+        write_json_atomic(path, manifests)
     return train_stream, val_stream, manifests
 
 
@@ -346,16 +223,16 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
     if latest is not None:
         with open(run_path) as f:
             run = json.load(f)
-        run = _check_resume_config(config, workdir, run, int(os.path.basename(latest)))
+        run = check_resume_config(config, workdir, run, int(os.path.basename(latest)))
         host_params = None
     else:
         # A workdir without checkpoints holds nothing to resume: a new run there starts over.
         host_params, run = _new_run(config)
-        if _is_main():  # only now: a run that cannot start leaves no workdir behind
+        if is_main():  # only now: a run that cannot start leaves no workdir behind
             os.makedirs(workdir, exist_ok=True)
-            _write_json_atomic(os.path.join(workdir, CONFIG_FILE), _config_dict(config))
-            _write_json_atomic(run_path, run)
-    _sync("run")
+            write_json_atomic(os.path.join(workdir, CONFIG_FILE), config_dict(config))
+            write_json_atomic(run_path, run)
+    sync("run")
     model_config = ModelConfig.from_dict(run["model_config"])
     num_steps = run["num_steps"]
 
@@ -387,7 +264,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
         raise TrainError(f"micro-batch {micro} (batch_size / grad_accum_steps) is not divisible "
                          f"by the data x fsdp mesh size {sharding.batch_divisor(mesh)}")
     o = config.optimizer
-    schedule = _make_schedule(config, num_steps)
+    schedule = make_schedule(config, num_steps)
     shapes = abstract_params(model_config)
     tx = optim.make_optimizer(schedule, shapes, b1=o.b1, b2=o.b2, eps=o.eps,
                               weight_decay=o.weight_decay, clip_norm=o.clip_norm)
@@ -405,7 +282,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
             latest, expected_config=model_config, opt_state_target=abstract_opt,
             param_shardings=param_sh)
         start_step = meta.step
-        _log(f"resumed from {latest} (step {start_step} of {num_steps})")
+        log(f"resumed from {latest} (step {start_step} of {num_steps})")
     else:
         if host_params is None:
             seed = config.seed
@@ -415,11 +292,11 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
             params = sharding.put_params(host_params, param_sh)
         opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
         start_step = 0
-        _log(f"new run: {json.dumps(run['init'])}; {num_steps} steps")
+        log(f"new run: {json.dumps(run['init'])}; {num_steps} steps")
     del host_params
     num_params = sum(int(np.prod(x.shape)) for x in shapes.values())
     tokens_per_step = batch_size * seq_len
-    _log(f"model {model_config.to_dict()}: {num_params:,} params; mesh {dict(mesh.shape)}; "
+    log(f"model {model_config.to_dict()}: {num_params:,} params; mesh {dict(mesh.shape)}; "
          f"{tokens_per_step:,} tokens/step; train {len(train_stream.tokens):,} tokens "
          f"({num_windows:,} windows)")
 
@@ -459,7 +336,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
             provenance={"init": run["init"], "tokenizer": run["tokenizer"],
                         "data": spec.to_dict(), "tokens_per_step": tokens_per_step,
                         "data_manifest_sha256": {k: m["sha256"] for k, m in manifests.items()},
-                        "config": _config_dict(config)})
+                        "config": config_dict(config)})
         # A tokenizer.json run: every checkpoint carries a copy (self-contained; checkpoints.save).
         tok = run["tokenizer"]
         tok_file = (None if tok == "byte" else os.path.join(tok, checkpoints.TOKENIZER_FILE)
@@ -469,21 +346,21 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
 
     metrics = MetricsLog(workdir, start_step, resumed=latest is not None)
     bar = tqdm(total=num_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not (config.progress_bar and _is_main()))
+               disable=not (config.progress_bar and is_main()))
     final: dict[str, Any] = {}
     try:
         with jax.set_mesh(mesh):
             if start_step == 0 and config.eval_every > 0:
                 record = run_eval(config.eval_batches)
                 metrics.write(0, record)
-                _log(f"step 0: val loss {record['val/loss']:.4f}")
+                log(f"step 0: val loss {record['val/loss']:.4f}")
             pending = None  # (step, metrics arrays) not yet checked for NaN: checked one step late
             last_log = (start_step, time.perf_counter())
             for step in range(start_step, num_steps):
                 if step == start_step:
                     stop.sync()
                 if step == start_step and stop.received:  # during set-up or the first eval
-                    _log(f"{stop.received}: stopped before step {step + 1} of {num_steps}; no "
+                    log(f"{stop.received}: stopped before step {step + 1} of {num_steps}; no "
                          "step was taken, nothing to save")
                     final = {"stopped_by": stop.received, "step": step}
                     break
@@ -535,18 +412,18 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
                 if do_log or do_eval or do_save:
                     last_log = (s, time.perf_counter())  # tokens/s counts training time only
                 if do_eval and "val/loss" in record:
-                    _log(f"step {s}: train loss {record.get('train/loss', float('nan')):.4f}, "
+                    log(f"step {s}: train loss {record.get('train/loss', float('nan')):.4f}, "
                          f"val loss {record['val/loss']:.4f} ({record['val/tokens']:,} tokens)")
                 if is_last:
                     final = {"step": s, **record}
                 if stopping and not is_last:
-                    _log(f"{stopping}: saved a checkpoint at step {s} of {num_steps}; "
+                    log(f"{stopping}: saved a checkpoint at step {s} of {num_steps}; "
                          "rerun the same command to resume")
                     final = {"stopped_by": stopping, "step": s}
                     break
             else:
                 if start_step >= num_steps:
-                    _log(f"{workdir} is already complete ({num_steps} steps)")
+                    log(f"{workdir} is already complete ({num_steps} steps)")
     finally:
         bar.close()
         metrics.close()
@@ -554,7 +431,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
         # Say how much was scored: a few batches (final_eval_batches) can differ from
         # `evaluate`'s whole split by more than the gaps a reader compares.
         split_tokens = int(evaluate.scored_tokens(val_stream, seq_len).size)
-        _log(f"final validation loss {final['val/loss']:.4f} nats/token on "
+        log(f"final validation loss {final['val/loss']:.4f} nats/token on "
              f"{final['val/tokens']:,} of the validation split's {split_tokens:,} tokens "
              f"(perplexity {final['val/perplexity']:.3f}); unigram entropy of those tokens "
              f"{final['val/unigram_entropy']:.4f} nats/token; ratio "
