@@ -7,7 +7,8 @@
 The input's format is detected: a Hugging Face folder (config.json + safetensors) or this project's
 checkpoint (meta.json + params/) or training workdir (its latest checkpoint). The output has the
 input's format unless --output_format says otherwise:
-  hf -> hf                  streaming, one tensor in memory at a time, no jax/torch (hf.convert_hf_folder)
+  hf -> hf                  streaming, one tensor in memory at a time, no jax/torch
+                            (hf_stream.convert_hf_folder)
   checkpoint -> checkpoint  convert_checkpoint below
   hf -> checkpoint          import (hf.load_hf_model), pool, save: ready for uptraining
   checkpoint -> hf          restore, pool, export (hf.export_hf): ready for transformers
@@ -37,7 +38,7 @@ import os
 import sys
 from typing import Any
 
-from gqa_uptrain import formats, heads, hf, loading, merging, outputs, pooling
+from gqa_uptrain import formats, heads, hf, hf_stream, loading, merging, outputs, pooling
 
 FORMATS = ("hf", "checkpoint")
 # Provenance entries a converted checkpoint keeps at the top level (see convert_checkpoint).
@@ -260,9 +261,9 @@ def convert(input_path: str, output_path: str, num_kv_heads: int | None = None,
     if input_format == "hf" and out_format == "hf":
         if tokenizer is not None:
             raise ValueError("--tokenizer does not apply to hf -> hf (the input's tokenizer is copied)")
-        if streaming:  # one tensor at a time, no jax (hf.py)
-            summary = hf.convert_hf_folder(input_path, output_path, num_kv_heads, method, seed,
-                                           overwrite=overwrite)
+        if streaming:  # one tensor at a time, no jax (hf_stream.py)
+            summary = hf_stream.convert_hf_folder(input_path, output_path, num_kv_heads, method,
+                                                  seed, overwrite=overwrite)
         else:
             summary = _hf_to_hf_in_memory(input_path, output_path, num_kv_heads, method, seed,
                                           overwrite, calibration)

@@ -5,7 +5,7 @@
     params, config, provenance = loading.convert(params, config, G, "mean")
 
 Used by train (init_checkpoint), evaluate, convert (every path but the streaming HF -> HF one,
-which never holds more than one tensor: hf.convert_hf_folder) and experiments/suite.py.
+which never holds more than one tensor: hf_stream.convert_hf_folder) and experiments/suite.py.
 `path` is anything formats.detect knows: this project's checkpoint or training workdir (its
 latest checkpoint), or a Hugging Face folder.
 

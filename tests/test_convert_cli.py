@@ -13,7 +13,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from gqa_uptrain import checkpoints, convert, hf, pooling
+from gqa_uptrain import checkpoints, convert, hf, hf_stream, pooling
 from gqa_uptrain import model as model_lib
 from gqa_uptrain.byte_tokenizer import write_byte_tokenizer
 
@@ -139,7 +139,7 @@ def test_hf_to_checkpoint_and_back(hf_src, tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"tokenizer: copied from {hf_src}" in result.stdout
     stream = tmp_path / "stream"
-    hf.convert_hf_folder(hf_src, str(stream), 2)
+    hf_stream.convert_hf_folder(hf_src, str(stream), 2)
     assert read_safetensors_folder(back) == read_safetensors_folder(stream)
     with open(back / "config.json") as f, open(stream / "config.json") as g:
         exported, streamed = json.load(f), json.load(g)
@@ -452,7 +452,7 @@ def test_every_flag_has_help(monkeypatch):
 def test_output_folders_respect_the_umask(hf_src, tmp_path):
     old = os.umask(0o027)
     try:
-        hf.convert_hf_folder(hf_src, str(tmp_path / "hf"), 2)
+        hf_stream.convert_hf_folder(hf_src, str(tmp_path / "hf"), 2)
         convert.convert(hf_src, str(tmp_path / "ck"), 2, output_format="checkpoint")
     finally:
         os.umask(old)
@@ -465,9 +465,9 @@ def test_output_folders_respect_the_umask(hf_src, tmp_path):
 # temporary folder), having said so in READY: a deterministic point at which to kill -9 it.
 _PAUSED = textwrap.dedent("""
     import runpy, sys, time
-    from gqa_uptrain import hf
+    from gqa_uptrain import hf_stream
     ready, argv = sys.argv[1], sys.argv[2:]
-    verify = hf.verify_safetensors
+    verify = hf_stream.verify_safetensors
 
     def pause(path, entries):
         verify(path, entries)
@@ -475,7 +475,7 @@ _PAUSED = textwrap.dedent("""
             f.write(path)
         time.sleep(600)
 
-    hf.verify_safetensors = pause
+    hf_stream.verify_safetensors = pause
     sys.argv = ["gqa_uptrain.convert"] + argv
     runpy.run_module("gqa_uptrain.convert", run_name="__main__")
 """)

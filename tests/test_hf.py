@@ -16,7 +16,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from gqa_uptrain import convert, hf, pooling
+from gqa_uptrain import convert, hf, hf_stream, pooling
 from gqa_uptrain import model as model_lib
 from gqa_uptrain.byte_tokenizer import write_byte_tokenizer
 
@@ -133,7 +133,7 @@ def test_streaming_path_equals_import_pool_export(method, sources, tmp_path):
     give bit-identical tensors."""
     kw = CASES["llama-attention_bias-G2"][0]
     src = sources("llama-attention_bias-G2", **kw)
-    hf.convert_hf_folder(src, str(tmp_path / "stream"), 2, method)
+    hf_stream.convert_hf_folder(src, str(tmp_path / "stream"), 2, method)
     params, config = hf.load_hf_model(src)
     pooled, new_config = pooling.convert_params(params, config, 2, method)
     hf.export_hf(pooled, new_config, str(tmp_path / "export"), base_hf_config=_config_json(src))
@@ -303,8 +303,8 @@ def test_output_files_metadata_and_provenance(sources, tmp_path):
 
 def test_a_second_conversion_chains_provenance(sources, tmp_path):
     src = sources("llama-gqa8x4-G2", **CASES["llama-gqa8x4-G2"][0])
-    hf.convert_hf_folder(src, str(tmp_path / "g2"), 2)
-    summary = hf.convert_hf_folder(str(tmp_path / "g2"), str(tmp_path / "g1"), 1, method="first")
+    hf_stream.convert_hf_folder(src, str(tmp_path / "g2"), 2)
+    summary = hf_stream.convert_hf_folder(str(tmp_path / "g2"), str(tmp_path / "g1"), 1, method="first")
     assert (summary["num_kv_heads_before"], summary["num_kv_heads_after"]) == (2, 1)
     with open(tmp_path / "g1" / hf.PROVENANCE_FILE) as f:
         prov = json.load(f)
