@@ -70,7 +70,7 @@ def _load_and_convert(input_path: str, num_kv_heads: int, method: str, seed: int
         tokenizer = source.require_tokenizer(
             f"--calib_tokenizer=byte or a tokenizer.json path (for --method={method}'s "
             "calibration data)")
-    params, config, source = loading.load(input_path)
+    params, config, source = loading.load(source)
     new_params, new_config, record = loading.convert(
         params, config, num_kv_heads, method, seed=seed, calibration=calibration,
         tokenizer=tokenizer)

@@ -85,9 +85,9 @@ def evaluate_model(path: str, *, text_file: str = "", seq_len: int = 0, batch_si
     model's own (loading.Source.tokenizer), checked before any array is read."""
     if tokenizer and tokenizer != "byte":
         tokenizer = os.path.abspath(tokenizer)
-    tokenizer = tokenizer or loading.inspect(path).require_tokenizer(
-        "--tokenizer=PATH/tokenizer.json")
-    params, config, source = loading.load(path)
+    source = loading.inspect(path)
+    tokenizer = tokenizer or source.require_tokenizer("--tokenizer=PATH/tokenizer.json")
+    params, config, source = loading.load(source)
     info = {"path": source.path, "step": source.step, "tokenizer": tokenizer,
             "data": source.provenance.get("data")}
     tokenizer = data.load_tokenizer(info["tokenizer"])

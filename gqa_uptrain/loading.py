@@ -99,15 +99,16 @@ def inspect(path: str, what: str = "input") -> Source:
                   meta=meta)
 
 
-def load(path: str, *, what: str = "input", shardings: dict[str, Any] | None = None
+def load(path: str | Source, *, what: str = "input", shardings: dict[str, Any] | None = None
          ) -> tuple[dict[str, Any], Any, Source]:
-    """(params, ModelConfig, Source) of the model at `path`.
+    """(params, ModelConfig, Source) of the model at `path` (or of an inspect() result, which a
+    caller that checked the facts first passes so that they are not read twice).
 
     params: the flat {name: array} dict of model.py; numpy arrays for a Hugging Face folder,
     jax arrays for a checkpoint (on the default device unless `shardings`, {name: Sharding}, says
     where: a checkpoint is restored straight into them, HF arrays are put there).
     """
-    source = inspect(path, what)
+    source = path if isinstance(path, Source) else inspect(path, what)
     if source.format == "hf":
         params, _ = hf.load_hf_model(source.path)
         if shardings is not None:

@@ -121,11 +121,11 @@ def _load_init_checkpoint(config) -> tuple[dict[str, Any], ModelConfig, dict[str
     # data.tokenizer='auto': the source's own tokenizer, looked up before any array is read; none
     # (no tokenizer.json, not a byte-level model trained here) is an error naming the key to set,
     # never a silent byte-level tokenizer.
+    source = loading.inspect(config.init_checkpoint, what)
     tokenizer = None
     if config.data.tokenizer == "auto":
-        tokenizer = loading.inspect(config.init_checkpoint, what).require_tokenizer(
-            "--config.data.tokenizer=PATH/tokenizer.json")
-    params, model_config, source = loading.load(config.init_checkpoint, what=what)
+        tokenizer = source.require_tokenizer("--config.data.tokenizer=PATH/tokenizer.json")
+    params, model_config, source = loading.load(source)
     params = {k: np.asarray(v) for k, v in params.items()}
     init = ({"hf_folder": source.path} if source.format == "hf" else
             {"checkpoint": source.path, "checkpoint_step": source.step})
