@@ -4,14 +4,17 @@
       [--seed=0] [--output_format=auto|hf|checkpoint] [--tokenizer=PATH] [--overwrite]
       [--calib_data=stdlib] [--calib_tokens=16384] [--calib_seq_len=256] [--calib_tokenizer=auto]
 
-The input's format is detected: a Hugging Face folder (config.json + safetensors) or this project's
-checkpoint (meta.json + params/) or training workdir (its latest checkpoint). The output has the
-input's format unless --output_format says otherwise:
+The input's format is detected: a Hugging Face folder (config.json + safetensors), this project's
+checkpoint (meta.json + params/) or training workdir (its latest checkpoint), or a llama GGUF file
+(FILE.gguf, gguf_io.py). The output has the input's format (a GGUF input: an HF folder) unless
+--output_format says otherwise:
   hf -> hf                  streaming, one tensor in memory at a time, no jax/torch
                             (hf_stream.convert_hf_folder)
   checkpoint -> checkpoint  convert_checkpoint below
   hf -> checkpoint          import (hf.load_hf_model), pool, save: ready for uptraining
   checkpoint -> hf          restore, pool, export (hf.export_hf): ready for transformers
+  gguf -> hf | checkpoint   import (gguf_io.load_gguf_model: dequantized to float32), pool, export
+                            or save, with the tokenizer.json built from the file's vocabulary
 --num_kv_heads defaults to the input's current count (read from its config.json / meta.json before
 any array): nothing is pooled, so e.g. a checkpoint -> hf export with --method=mean is an exact copy.
 It prints layers converted, KV heads, KV projection parameters and KV-cache bytes per token, each
@@ -129,6 +132,41 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int, met
     checkpoints.save(output_path, new_params, meta, overwrite=overwrite, tokenizer_file=own)
     return _summary(source, num_kv_heads, record, output_format="checkpoint",
                     source_step=meta.source_step)
+
+
+def _gguf_input(input_path, output_path, out_format, num_kv_heads, method, seed, overwrite,
+                tokenizer, calibration):
+    """GGUF -> HF folder (config.json + safetensors + the built tokenizer.json) or checkpoint.
+    The tokenizer is built before any tensor is read, so an unsupported vocabulary leaves nothing."""
+    import tempfile  # noqa: PLC0415
+
+    from gqa_uptrain import checkpoints, gguf_io  # noqa: PLC0415
+
+    outputs.check_output_path(input_path, output_path, overwrite)
+    if tokenizer is not None and not os.path.exists(tokenizer):
+        raise ValueError(f"tokenizer {tokenizer} does not exist")
+    with tempfile.TemporaryDirectory(prefix="gguf_tokenizer_") as tmp:
+        built = None
+        if tokenizer is None:
+            built = gguf_io.write_tokenizer(input_path, os.path.join(tmp, "tokenizer.json"))
+        source, new_params, new_config, record = _load_and_convert(input_path, num_kv_heads,
+                                                                   method, seed, calibration)
+        provenance = {"converted_from": source.path, **record}
+        note = f"copied from {tokenizer}" if tokenizer else f"built from {source.path}'s vocabulary"
+        if out_format == "hf":
+            hf.export_hf(new_params, new_config, output_path,
+                         tokenizer_folder=tokenizer or built,
+                         base_hf_config=dict(source.hf_config, num_key_value_heads=num_kv_heads),
+                         byte_tokenizer=False, provenance=provenance, overwrite=overwrite)
+        else:
+            provenance["hf_config"] = dict(source.hf_config, num_key_value_heads=num_kv_heads)
+            if built is not None:  # not the temporary file, which is gone after this
+                provenance["tokenizer_source"] = source.path
+            meta = checkpoints.Meta(model_config=new_config, step=0, source_step=None,
+                                    provenance=provenance)
+            checkpoints.save(output_path, new_params, meta, overwrite=overwrite,
+                             tokenizer_file=built)
+    return _summary(source, num_kv_heads, record, output_format=out_format, tokenizer=note)
 
 
 def _hf_to_checkpoint(input_path, output_path, num_kv_heads, method, seed, overwrite, calibration):
@@ -255,10 +293,14 @@ def convert(input_path: str, output_path: str, num_kv_heads: int | None = None,
     if num_kv_heads is None:  # the current count, from config.json / meta.json (no array read)
         num_kv_heads = (hf.hf_layout(hf.read_hf_config(input_path)).num_kv_heads if streaming
                         else loading.inspect(input_path).config.num_kv_heads)
-    out_format = input_format if output_format == "auto" else output_format
+    out_format = ({"gguf": "hf"}.get(input_format, input_format) if output_format == "auto"
+                  else output_format)
     if tokenizer is not None and out_format != "hf":
         raise ValueError("--tokenizer applies only to a Hugging Face output")
-    if input_format == "hf" and out_format == "hf":
+    if input_format == "gguf":
+        summary = _gguf_input(input_path, output_path, out_format, num_kv_heads, method, seed,
+                              overwrite, tokenizer, calibration)
+    elif input_format == "hf" and out_format == "hf":
         if tokenizer is not None:
             raise ValueError("--tokenizer does not apply to hf -> hf (the input's tokenizer is copied)")
         if streaming:  # one tensor at a time, no jax (hf_stream.py)
@@ -360,7 +402,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        "--seed), so these methods (and similar_weights) need the whole model in "
                        "memory: no streaming. See gqa_uptrain/merging.py for the exact "
                        "objectives.")
-    p.add_argument("--input", required=True, help="Hugging Face folder, or checkpoint / workdir")
+    p.add_argument("--input", required=True,
+                   help="Hugging Face folder, checkpoint / workdir, or llama FILE.gguf")
     p.add_argument("--output", required=True, help="where to write (must not exist)")
     p.add_argument("--num_kv_heads", type=int, default=None,
                    help="G: KV heads after conversion; must divide the current number. Default: "
@@ -382,11 +425,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "'byte', or a tokenizer.json path")
     p.add_argument("--output_format", default="auto", choices=("auto",) + FORMATS,
                    help="'hf' (a Hugging Face folder) or 'checkpoint' (this project's format); "
-                        "default auto: the input's format")
+                        "default auto: the input's format (hf for a GGUF input)")
     p.add_argument("--tokenizer", default=None,
-                   help="checkpoint -> hf: folder (or tokenizer.json) whose tokenizer to ship; "
-                        "default: the checkpoint's own tokenizer.json (byte-level only for a model "
-                        "trained here on bytes)")
+                   help="checkpoint / gguf -> hf: folder (or tokenizer.json) whose tokenizer to "
+                        "ship; default: the checkpoint's own tokenizer.json (byte-level only for a "
+                        "model trained here on bytes), or the one built from the GGUF vocabulary")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return p.parse_args(argv)
 

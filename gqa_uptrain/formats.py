@@ -1,12 +1,13 @@
 """Which kind of model a path holds: the one detection rule every entry point uses.
 
-    formats.detect(path) -> 'checkpoint' | 'hf'
+    formats.detect(path) -> 'checkpoint' | 'hf' | 'gguf'
 
   checkpoint  this project's checkpoint (meta.json + params/, checkpoints.py) or a training workdir
               (checkpoints/<step>/: its latest complete checkpoint is the model)
   hf          a Hugging Face folder: config.json + safetensors weights (hf.py)
+  gguf        a GGUF file (llama.cpp's format), a file whose name ends in .gguf (gguf_io.py)
 
-The rules are tried in FORMATS' order; a new format (a GGUF file, say) joins by adding one entry.
+The rules are tried in FORMATS' order; a new format joins by adding one entry.
 A project checkpoint or workdir never holds a config.json (the trainer writes train_config.json
 for that reason), so the order matters only for a folder somebody built by hand with both.
 This module reads file names only: no jax, so the streaming HF -> HF converter stays light.
@@ -18,6 +19,7 @@ import os
 from typing import Callable
 
 HF_CONFIG_FILE = "config.json"
+GGUF_SUFFIX = ".gguf"
 META_FILE = "meta.json"  # a checkpoint's own description (checkpoints.Meta)
 PARAMS_DIR = "params"
 CHECKPOINTS_DIR = "checkpoints"  # a training workdir's checkpoints/<step>/
@@ -44,10 +46,15 @@ def _is_hf_folder(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, HF_CONFIG_FILE))
 
 
+def _is_gguf_file(path: str) -> bool:
+    return os.path.isfile(path) and path.endswith(GGUF_SUFFIX)
+
+
 # name -> predicate, in the order they are tried.
 FORMATS: dict[str, Callable[[str], bool]] = {
     "checkpoint": _is_checkpoint_or_workdir,
     "hf": _is_hf_folder,
+    "gguf": _is_gguf_file,
 }
 
 
@@ -61,7 +68,7 @@ def detect(path: str, what: str = "input") -> str:
             return name
     if not os.path.isdir(path):
         raise FormatError(f"{what} {path} is not a folder (a checkpoint, a training workdir or a "
-                          "Hugging Face folder)")
+                          f"Hugging Face folder) or a {GGUF_SUFFIX} file")
     raise FormatError(f"{what} {path} has no {HF_CONFIG_FILE} (not a Hugging Face folder) and is "
                       f"not a checkpoint ({META_FILE} + {PARAMS_DIR}/) or workdir "
                       f"({CHECKPOINTS_DIR}/) of this project")

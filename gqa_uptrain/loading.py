@@ -7,7 +7,7 @@
 Used by train (init_checkpoint), evaluate, convert (every path but the streaming HF -> HF one,
 which never holds more than one tensor: hf_stream.convert_hf_folder) and experiments/suite.py.
 `path` is anything formats.detect knows: this project's checkpoint or training workdir (its
-latest checkpoint), or a Hugging Face folder.
+latest checkpoint), a Hugging Face folder, or a llama GGUF file (gguf_io.py: dequantized to float32).
 
 Keyword arguments are where later needs plug in without touching the callers: `shardings` places
 the params (a checkpoint restores straight into them); a target dtype for master weights and new
@@ -52,7 +52,9 @@ class Source:
     checkpoints.default_tokenizer for a checkpoint, the folder's tokenizer.json for HF), None when
     it has none. step: a checkpoint's step (None for HF). source_step: the training steps behind it
     (a converted or uptrained checkpoint's recorded source step, else its step; None for HF).
-    meta: a checkpoint's checkpoints.Meta. hf_config: an HF folder's config.json.
+    meta: a checkpoint's checkpoints.Meta. hf_config: an HF folder's config.json (for a GGUF file,
+    the config.json its metadata describes; its tokenizer is None: its vocabulary becomes a
+    tokenizer.json only when the converter writes one, gguf_io.build_tokenizer).
     """
 
     format: str
@@ -75,6 +77,10 @@ class Source:
             return self.tokenizer
         if self.format == "hf":
             raise ValueError(f"{self.path} has no tokenizer.json; set {key}")
+        if self.format == "gguf":
+            raise ValueError(f"{self.path} is a GGUF file, whose vocabulary is no tokenizer.json: "
+                             "convert it first (python -m gqa_uptrain.convert --input=FILE.gguf "
+                             f"--output=FOLDER writes one) or set {key}")
         from gqa_uptrain import checkpoints  # noqa: PLC0415 (jax)
 
         raise ValueError(checkpoints.no_tokenizer_message(self.path, self.meta, key))
@@ -89,6 +95,12 @@ def inspect(path: str, what: str = "input") -> Source:
         return Source(format="hf", path=os.path.abspath(path),
                       config=model_config_from_hf(hf_config),
                       tokenizer=hf.tokenizer_path(os.path.abspath(path)), hf_config=hf_config)
+    if kind == "gguf":
+        from gqa_uptrain import gguf_io  # noqa: PLC0415
+
+        hf_config = gguf_io.read_config(path)
+        return Source(format="gguf", path=os.path.abspath(path),
+                      config=model_config_from_hf(hf_config), tokenizer=None, hf_config=hf_config)
     from gqa_uptrain import checkpoints  # noqa: PLC0415 (jax: only on this path)
 
     resolved = checkpoints.resolve(path)
@@ -104,13 +116,18 @@ def load(path: str | Source, *, what: str = "input", shardings: dict[str, Any] |
     """(params, ModelConfig, Source) of the model at `path` (or of an inspect() result, which a
     caller that checked the facts first passes so that they are not read twice).
 
-    params: the flat {name: array} dict of model.py; numpy arrays for a Hugging Face folder,
-    jax arrays for a checkpoint (on the default device unless `shardings`, {name: Sharding}, says
+    params: the flat {name: array} dict of model.py; numpy arrays for a Hugging Face folder or a
+    GGUF file (float32, dequantized), jax arrays for a checkpoint (on the default device unless `shardings`, {name: Sharding}, says
     where: a checkpoint is restored straight into them, HF arrays are put there).
     """
     source = path if isinstance(path, Source) else inspect(path, what)
-    if source.format == "hf":
-        params, _ = hf.load_hf_model(source.path)
+    if source.format in ("hf", "gguf"):
+        if source.format == "hf":
+            params, _ = hf.load_hf_model(source.path)
+        else:
+            from gqa_uptrain import gguf_io  # noqa: PLC0415
+
+            params, _ = gguf_io.load_gguf_model(source.path)
         if shardings is not None:
             from gqa_uptrain import sharding  # noqa: PLC0415 (jax)
 

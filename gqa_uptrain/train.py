@@ -128,6 +128,7 @@ def _load_init_checkpoint(config) -> tuple[dict[str, Any], ModelConfig, dict[str
     params, model_config, source = loading.load(source)
     params = {k: np.asarray(v) for k, v in params.items()}
     init = ({"hf_folder": source.path} if source.format == "hf" else
+            {"gguf_file": source.path} if source.format == "gguf" else
             {"checkpoint": source.path, "checkpoint_step": source.step})
     if config.num_kv_heads != -1:  # also when equal: method='random' then re-draws K/V
         params, model_config, record = loading.convert(
