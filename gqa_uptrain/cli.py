@@ -88,7 +88,7 @@ def check_config_overrides(argv: list[str], flag: str = "config") -> None:
             continue
         parent = next((k for k in known if key.startswith(k + ".")), None)
         if parent is not None:
-            raise UsageError(f"--{flag}.{key}: {parent!r} is {config_keys_value(config, parent)!r} "
+            raise UsageError(f"--{flag}.{key}: {parent!r} is {_config_value(config, parent)!r} "
                              f"in {split_config_flag(value)[0]}, so it has no key "
                              f"{key[len(parent) + 1:]!r}")
         near = config_keys.closest(key, known)
@@ -97,7 +97,7 @@ def check_config_overrides(argv: list[str], flag: str = "config") -> None:
                          f"(--print_config lists every key)")
 
 
-def config_keys_value(config, dotted: str):
+def _config_value(config, dotted: str):
     node = config
     for part in dotted.split("."):
         node = node[part]
@@ -107,7 +107,7 @@ def config_keys_value(config, dotted: str):
 # ----------------------------------------------------------------------------- help
 
 
-def help_text(description: str, config_flag: str | None, argv: list[str]) -> str:
+def help_text(description: str, config_flag: str | None) -> str:
     from absl import flags  # noqa: PLC0415
 
     lines = [description.strip(), "", "flags:"]
@@ -135,7 +135,7 @@ def run(main: Callable[[list[str]], Any], *, description: str,
 
     def parse(argv: list[str]) -> list[str]:
         if any(a in HELP_FLAGS for a in argv[1:]):
-            print(help_text(description, config_flag, argv))
+            print(help_text(description, config_flag))
             sys.exit(0)
         try:
             if config_flag:

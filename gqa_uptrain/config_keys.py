@@ -92,7 +92,8 @@ def flat_keys(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 def closest(key: str, known: list[str]) -> str | None:
     """The known key most like `key` (a typo's intended key), or None."""
-    # Compare leaf names too: `num_stepz` should find `num_steps`, `optimizer.lr` ... `learning_rate`.
+    # Whole dotted keys: a typo in a leaf (`num_stepz`, `optimizer.learnin_rate`) stays close to
+    # its intended key.
     matches = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     return matches[0] if matches else None
 

@@ -60,12 +60,14 @@ def _summary_from_config(config, num_kv_heads_after: int) -> dict[str, Any]:
             "cache_dtype": config.dtype}
 
 
-def _load_and_convert(input_path: str, num_kv_heads: int, method: str, seed: int,
+def _load_and_convert(input_path: str, num_kv_heads: int | None, method: str, seed: int,
                       calibration: CalibrationOptions | None):
     """loading.load + loading.convert, every in-memory path's prelude: (source, new params, new
-    config, conversion record). G and the calibration tokenizer are checked from the input's
-    config.json / meta.json before any array is read."""
+    config, conversion record). G (None: the input's current count) and the calibration tokenizer
+    are checked from the input's config.json / meta.json before any array is read."""
     source = loading.inspect(input_path)
+    if num_kv_heads is None:
+        num_kv_heads = source.config.num_kv_heads
     heads.pool_ratio(source.config.num_kv_heads, num_kv_heads)
     tokenizer = None
     calibration = calibration or CalibrationOptions()
@@ -88,8 +90,8 @@ def _summary(source, num_kv_heads: int, record: dict[str, Any], **facts) -> dict
             **_summary_from_config(source.config, num_kv_heads)}
 
 
-def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int, method: str = "mean",
-                       seed: int = 0, *, overwrite: bool = False,
+def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int | None,
+                       method: str = "mean", seed: int = 0, *, overwrite: bool = False,
                        calibration: CalibrationOptions | None = None) -> dict[str, Any]:
     """Converts this project's checkpoint (or a workdir's latest) to num_kv_heads KV heads.
 
@@ -112,6 +114,7 @@ def convert_checkpoint(input_path: str, output_path: str, num_kv_heads: int, met
     outputs.check_output_path(input_path, output_path, overwrite)
     source, new_params, new_config, record = _load_and_convert(input_path, num_kv_heads, method,
                                                                seed, calibration)
+    num_kv_heads = new_config.num_kv_heads  # resolved when None
     meta_in = source.meta
     own = os.path.join(source.path, checkpoints.TOKENIZER_FILE)
     own = own if os.path.isfile(own) else None
@@ -151,6 +154,7 @@ def _gguf_input(input_path, output_path, out_format, num_kv_heads, method, seed,
             built = gguf_io.write_tokenizer(input_path, os.path.join(tmp, "tokenizer.json"))
         source, new_params, new_config, record = _load_and_convert(input_path, num_kv_heads,
                                                                    method, seed, calibration)
+        num_kv_heads = new_config.num_kv_heads  # resolved when None
         provenance = {"converted_from": source.path, **record}
         note = f"copied from {tokenizer}" if tokenizer else f"built from {source.path}'s vocabulary"
         if out_format == "hf":
@@ -175,6 +179,7 @@ def _hf_to_checkpoint(input_path, output_path, num_kv_heads, method, seed, overw
     outputs.check_output_path(input_path, output_path, overwrite)
     source, new_params, new_config, record = _load_and_convert(input_path, num_kv_heads, method,
                                                                seed, calibration)
+    num_kv_heads = new_config.num_kv_heads  # resolved when None
     provenance = {"converted_from": source.path, **record}
     # Kept so that exporting after uptraining restores the original config's other fields
     # (token ids, rope layout, max_position_embeddings).
@@ -246,6 +251,7 @@ def _checkpoint_to_hf(input_path, output_path, num_kv_heads, method, seed, overw
         raise ValueError(f"tokenizer {tokenizer} does not exist")
     source, new_params, new_config, record = _load_and_convert(input_path, num_kv_heads, method,
                                                                seed, calibration)
+    num_kv_heads = new_config.num_kv_heads  # resolved when None
     meta_in = source.meta
     base = checkpoints.hf_base_config(meta_in.provenance)
     tokenizer, byte_tokenizer, tokenizer_note = _export_tokenizer(tokenizer, source.path, meta_in)
@@ -264,6 +270,7 @@ def _hf_to_hf_in_memory(input_path, output_path, num_kv_heads, method, seed, ove
     outputs.check_output_path(input_path, output_path, overwrite)
     source, new_params, new_config, record = _load_and_convert(input_path, num_kv_heads, method,
                                                                seed, calibration)
+    num_kv_heads = new_config.num_kv_heads  # resolved when None
     has_tokenizer = any(os.path.isfile(os.path.join(source.path, f))
                         for f in hf.TOKENIZER_FILES if f != "generation_config.json")
     hf.export_hf(new_params, new_config, output_path,
@@ -290,9 +297,9 @@ def convert(input_path: str, output_path: str, num_kv_heads: int | None = None,
         raise ValueError(f"output_format={output_format!r} is not one of auto, {', '.join(FORMATS)}")
     input_format = formats.detect(input_path)
     streaming = input_format == "hf" and output_format in ("auto", "hf") and spec.is_pooling
-    if num_kv_heads is None:  # the current count, from config.json / meta.json (no array read)
-        num_kv_heads = (hf.hf_layout(hf.read_hf_config(input_path)).num_kv_heads if streaming
-                        else loading.inspect(input_path).config.num_kv_heads)
+    if num_kv_heads is None and streaming:  # the current count, read from config.json
+        num_kv_heads = hf.hf_layout(hf.read_hf_config(input_path)).num_kv_heads
+    # (The in-memory paths resolve None from the input's facts: _load_and_convert.)
     out_format = ({"gguf": "hf"}.get(input_format, input_format) if output_format == "auto"
                   else output_format)
     if tokenizer is not None and out_format != "hf":

@@ -121,13 +121,13 @@ def load(path: str | Source, *, what: str = "input", shardings: dict[str, Any] |
     where: a checkpoint is restored straight into them, HF arrays are put there).
     """
     source = path if isinstance(path, Source) else inspect(path, what)
-    if source.format in ("hf", "gguf"):
-        if source.format == "hf":
-            params, _ = hf.load_hf_model(source.path)
-        else:
-            from gqa_uptrain import gguf_io  # noqa: PLC0415
+    if source.format == "hf":
+        params, _ = hf.load_hf_model(source.path)
+    elif source.format == "gguf":
+        from gqa_uptrain import gguf_io  # noqa: PLC0415
 
-            params, _ = gguf_io.load_gguf_model(source.path)
+        params, _ = gguf_io.load_gguf_model(source.path)
+    if source.format in ("hf", "gguf"):  # host arrays
         if shardings is not None:
             from gqa_uptrain import sharding  # noqa: PLC0415 (jax)
 

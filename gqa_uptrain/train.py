@@ -55,7 +55,7 @@ from gqa_uptrain import (checkpoints, config_keys, data, evaluate, loading, loss
                          sharding)
 from gqa_uptrain.metrics_log import MetricsLog
 from gqa_uptrain.model import ModelConfig, Transformer, abstract_params, get_params
-from gqa_uptrain.run_config import (CHANGES_FILE, CONFIG_FILE, RUN_FILE, TrainError,  # noqa: F401
+from gqa_uptrain.run_config import (CONFIG_FILE, RUN_FILE, TrainError,
                                     check_resume_config, config_dict, is_main, log,
                                     make_schedule, num_steps_of, sync, write_json_atomic)
 from gqa_uptrain.stop_signals import SIGINT_EXIT, StopSignals

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import _helpers_train as h
-from gqa_uptrain import checkpoints, config_keys, train
+from gqa_uptrain import checkpoints, config_keys, run_config, train
 
 CONFIG_VARIANTS = [(h.PRETRAIN, None), (h.PRETRAIN, "smoke"), (h.PRETRAIN, "size=base"),
                    (h.UPTRAIN, None), (h.UPTRAIN, "smoke")]
@@ -208,7 +208,7 @@ def test_resume_accepts_cadence_changes_and_a_length_that_keeps_the_schedule(tmp
     final = train.train_and_evaluate(_constant(num_steps=6, log_every=2, checkpoint_every=3,
                                                keep_checkpoints=3), extended)
     assert final["step"] == 6
-    with open(os.path.join(extended, train.CHANGES_FILE)) as f:
+    with open(os.path.join(extended, run_config.CHANGES_FILE)) as f:
         [record] = [json.loads(line) for line in f]
     assert record["step"] == 4
     assert record["changes"] == {"checkpoint_every": [2, 3], "keep_checkpoints": [2, 3],
@@ -231,4 +231,4 @@ def test_resume_refuses_a_length_that_changes_past_learning_rates(tmp_path):
         train.train_and_evaluate(h.config(num_steps=8), workdir)
     with pytest.raises(train.TrainError, match=r"different config .*'seed': \(0, 5\)"):
         train.train_and_evaluate(h.config(num_steps=4, seed=5, eval_every=2), workdir)
-    assert not os.path.exists(os.path.join(workdir, train.CHANGES_FILE))
+    assert not os.path.exists(os.path.join(workdir, run_config.CHANGES_FILE))
