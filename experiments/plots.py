@@ -1,7 +1,9 @@
 """The suite's three figures, from a results.json object (matplotlib, Agg backend: no display).
 
   quality_vs_speed.png  validation loss vs decode ms/step across G: converted (alpha 0), uptrained
-                        (alpha), from scratch, and MHA (paper Fig. 6 / Table 1)
+                        (alpha), from scratch, and MHA (paper Fig. 6 / Table 1); each point the
+                        mean over pretraining seeds with a ±1 sample-std bar (none for one seed),
+                        and the decode time's 95% interval as a horizontal bar where recorded
   quality_vs_alpha.png  validation loss vs uptraining proportion alpha per G (paper Fig. 5)
   ablation.png          validation loss after alpha per conversion method, each seed a dot and the
                         mean a bar drawn from the MHA reference (its length is the table's Δ), per G
@@ -21,6 +23,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 from experiments import results  # noqa: E402
 
@@ -40,18 +43,37 @@ def _label(g: int, n: int) -> str:
 
 
 def _reference(recs: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:
-    return next((r for r in recs if r["kind"] == kind), None)
+    """The MHA record of `kind` ('pretrain' | 'continue'), its loss the mean over pretraining
+    seeds; None if there is none."""
+    found = [r for r in recs if r["kind"] == kind]
+    if not found:
+        return None
+    return {**found[0], "val_loss": float(np.mean([r["val_loss"] for r in found]))}
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return float(np.mean(xs)), (float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0)
+
+
+def _ms_interval(obj: dict[str, Any], g: int) -> tuple[float, float] | None:
+    row = obj["speed"].get("per_kv_heads", {}).get(str(g))
+    return (row["ms_lo"], row["ms_hi"]) if row else None
 
 
 def _speed_series(obj: dict[str, Any]) -> list[tuple[str, str, str, str, list]]:
+    """Per kind: [(ms, loss mean, loss std, G), ...] over pretraining seeds, ordered by ms."""
     recs, alpha = obj["records"], obj["preset"]["alpha"]
     out = []
     for label, kind, marker, color in (("converted (α=0)", "convert", "o", "tab:gray"),
                                        (f"uptrained (α={alpha:g})", "uptrain", "s", "tab:blue"),
                                        (f"from scratch ({1 + alpha:g} P)", "scratch", "^",
                                         "tab:green")):
-        pts = sorted((r["decode_ms_per_token"], r["val_loss"], r["num_kv_heads"]) for r in recs
-                     if r["kind"] == kind and r["method"] in ("mean", "scratch") and r["seed"] == 0)
+        by_g: dict[int, list] = {}
+        for r in recs:
+            if r["kind"] == kind and r["method"] in ("mean", "scratch") and r["seed"] == 0:
+                by_g.setdefault(r["num_kv_heads"], []).append(r)
+        pts = sorted((rs[0]["decode_ms_per_step"], *_mean_std([r["val_loss"] for r in rs]), g)
+                     for g, rs in by_g.items())
         if pts:
             out.append((label, kind, marker, color, pts))
     return out
@@ -62,7 +84,7 @@ def _alpha_series(obj: dict[str, Any]) -> list[tuple[int, list]]:
     out = []
     for g in sorted({r["num_kv_heads"] for r in recs if r["kind"] == "sweep"}, reverse=True):
         pts = sorted((r["alpha"], r["val_loss"]) for r in recs if r["num_kv_heads"] == g
-                     and r["method"] == "mean" and r["seed"] == 0
+                     and r["method"] == "mean" and r["seed"] == 0 and r["pretrain_seed"] == 0
                      and r["kind"] in ("sweep", "convert"))
         out.append((g, pts))
     return out
@@ -73,9 +95,14 @@ def quality_vs_speed(obj: dict[str, Any], path: str) -> None:
     alpha = obj["preset"]["alpha"]
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for label, kind, marker, color, pts in _speed_series(obj):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=label,
-                linestyle="-" if kind == "uptrain" else "none")
-        for x, y, g in pts:
+        xerr = []
+        for x, _, _, g in pts:
+            ci = _ms_interval(obj, g)
+            xerr.append((x - ci[0], ci[1] - x) if ci else (0.0, 0.0))
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                    xerr=np.array(xerr).T, marker=marker, color=color, label=label, capsize=3,
+                    linestyle="-" if kind == "uptrain" else "none")
+        for x, y, _, g in pts:
             ax.annotate(_label(g, n), (x, y), textcoords="offset points", xytext=(5, 4),
                         fontsize=8)
     # The two MHA points share their decode time and differ by ~0.02 nats: distinct markers (a
@@ -87,11 +114,11 @@ def quality_vs_speed(obj: dict[str, Any], path: str) -> None:
         if r is None:
             continue
         hollow = marker == "D"
-        ax.plot([r["decode_ms_per_token"]], [r["val_loss"]], marker=marker, color="tab:red",
+        ax.plot([r["decode_ms_per_step"]], [r["val_loss"]], marker=marker, color="tab:red",
                 markersize=11 if hollow else 8, markerfacecolor="none" if hollow else "tab:red",
                 markeredgewidth=1.5 if hollow else 1.0, linestyle="none", label=label)
         ax.annotate(f"{' '.join(label.split()[:2])} {r['val_loss']:.3f}",
-                    (r["decode_ms_per_token"], r["val_loss"]), textcoords="offset points",
+                    (r["decode_ms_per_step"], r["val_loss"]), textcoords="offset points",
                     xytext=(-12, dy), ha="right", va=va, fontsize=8, color="tab:red",
                     arrowprops=dict(arrowstyle="-", color="tab:red", lw=0.6))
     s = obj["speed"]
@@ -111,6 +138,8 @@ def quality_vs_alpha(obj: dict[str, Any], path: str) -> None:
     for g, pts in _alpha_series(obj):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=_label(g, n))
     for r in recs:
+        if r["pretrain_seed"] != 0:  # the sweep runs on pretraining seed 0: its references
+            continue
         if r["kind"] == "pretrain":
             ax.axhline(r["val_loss"], color="tab:red", linestyle="--", label="MHA pretrained")
         if r["kind"] == "continue":

@@ -9,7 +9,7 @@ r"""Reproduce the GQA paper's quality/speed trade-off at this machine's scale, i
     # conversion methods beyond mean pooling (issue 8), reusing the cpu run's pretraining
     python experiments/reproduce.py --preset=methods --output_dir=results/methods \
         --reuse_from=results/cpu
-    python experiments/reproduce.py --list_presets   # each preset's token arithmetic
+    python experiments/reproduce.py --list_presets   # each preset's token arithmetic and cost
 
 Rerunning the same command continues an interrupted suite: finished runs are skipped and a
 training cut short resumes from its checkpoint (experiments/suite.py). Outputs in --output_dir:
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
-from experiments import presets  # noqa: E402
+from experiments import planning, presets  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "runs are copied instead of repeated")
     parser.add_argument("--remeasure_speed", action="store_true",
                         help="time decode again (deletes OUTPUT_DIR/speed.json) and update every "
-                             "record's decode_ms_per_token")
+                             "record's decode_ms_per_step")
     parser.add_argument("--list_presets", action="store_true",
                         help="print each preset's description and step counts, and exit")
     return parser
@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.list_presets:
         for p in presets.PRESETS.values():
-            print(f"{p.name}: {p.doc}\n  steps: {p.total_steps()}\n")
+            print(f"{p.name}: {p.doc}\n  steps: {p.total_steps()}\n  runs: {len(planning.plan(p))}"
+                  f"\n  cost here: {p.cost()}\n")
         return 0
     if not args.output_dir:
         print("error: --output_dir is required", file=sys.stderr)

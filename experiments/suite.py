@@ -1,12 +1,17 @@
 """The reproduction suite: a preset's runs, executed in order in one process, each skipped when done.
 
-What the runs are, what each starts from and each training's config: planning.py (plan()).
-Decode speed is measured once for every G (perf.decode_step_setup + perf.measure_decode, variants
-alternated) and attached to every record of that G.
+What the runs are, what each starts from and each training's config: planning.py (plan()); the
+peak learning rate of each uptraining is resolved here from the finished lr records
+(planning.learning_rate). Decode speed is measured once for every G (perf.decode_step_setup +
+perf.measure_alternating_samples, variants alternated; medians with 95% intervals, paired
+speed-ups, and the roofline ideal at the bandwidth and peak measured in the same call) and
+attached to every record of that G. The head analysis (head_analysis.py) of each pretrained MHA,
+for every G, is computed once it is trained.
 
 Layout of OUTPUT_DIR:
   suite.json            the preset this directory belongs to (a different preset is an error)
   speed.json            decode timing per G
+  analysis.json         the head analysis per pretraining seed and G
   runs/<run>/           each training's workdir (train.py: resumable) or a converted checkpoint
   records/<name>.json   one finished record each, written atomically: its presence skips the run
   results.json, table.md, *.png   regenerated from the records after every run (a figure with no
@@ -32,12 +37,20 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 
 from experiments import planning, plots, results
 from experiments.planning import Run, plan
 from experiments.presets import Preset
-from gqa_uptrain import checkpoints, convert, evaluate, metrics_log, perf, train
+from gqa_uptrain import (checkpoints, convert, evaluate, head_analysis, loading, metrics_log,
+                         optim, perf, train)
 from gqa_uptrain.model import kv_cache_bytes_per_token
+
+# speed.json's layout: 2 = every round's time kept, intervals, speed-ups and roofline per G.
+SPEED_FORMAT = 2
+# What makes two suite directories' runs comparable beyond the preset (suite.json): the learning
+# rate schedules' version (optim.SCHEDULE_VERSION: runs of another version are other runs).
+SUITE_VERSION = {"schedule_version": optim.SCHEDULE_VERSION}
 
 
 def log(msg: str) -> None:
@@ -55,6 +68,7 @@ class Suite:
         self.data_cache = os.path.join(self.out, "data_cache")
         self.model_config = planning.source_model_config(preset)
         self.speed: dict[str, Any] | None = None
+        self.analysis: list[dict[str, Any]] = []
         self.records: dict[str, dict[str, Any]] = {}
         self.summary: dict[str, list[str]] = {"ran": [], "skipped": [], "reused": []}
 
@@ -74,7 +88,9 @@ class Suite:
         mine.pop("doc")  # prose: editing it changes no run
         if os.path.exists(path):
             with open(path) as f:
-                saved = json.load(f)["preset"]
+                whole = json.load(f)
+            _check_suite_version(whole, self.out)
+            saved = whole["preset"]
             saved.pop("doc", None)
             if saved != mine:
                 diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
@@ -82,7 +98,7 @@ class Suite:
                                  f"different settings ({', '.join(diff)}); use another "
                                  "--output_dir")
         else:
-            results.write_json_atomic(path, {"preset": mine})
+            results.write_json_atomic(path, {"preset": mine, **SUITE_VERSION})
 
     def reuse_from(self, other_dir: str) -> None:
         """Copies the finished runs (record and workdir) and speed.json of another suite directory
@@ -95,7 +111,9 @@ class Suite:
             raise ValueError(f"--reuse_from={other_dir}: no suite.json there (not a suite "
                              "output directory)")
         with open(path) as f:
-            theirs = json.load(f)["preset"]
+            whole = json.load(f)
+        _check_suite_version(whole, f"--reuse_from={other_dir}")
+        theirs = whole["preset"]
         mine = json.loads(json.dumps(dataclasses.asdict(self.preset)))
         diff = [k for k in planning.RUN_FIELDS if theirs.get(k) != mine[k]]
         if diff:
@@ -107,8 +125,14 @@ class Suite:
             os.replace(os.path.join(self.out, "speed.json.tmp"), os.path.join(self.out, "speed.json"))
         for run in plan(self.preset):
             src_record = os.path.join(other, "records", f"{run.name}.json")
+            # The rate of an uptraining comes from its method's lr sweep: the same run only when
+            # both presets sweep that method, or neither does.
+            rate_method = "mean" if run.kind in ("continue", "sweep") else run.method
+            swept_here = rate_method in self.preset.lr_sweep_methods
+            swept_there = rate_method in theirs.get("lr_sweep_methods", [])
             if (run.kind == "sweep" or os.path.exists(self.record_path(run.name))
-                    or not os.path.exists(src_record)):
+                    or not os.path.exists(src_record)
+                    or (run.kind in ("continue", "uptrain") and swept_here != swept_there)):
                 continue
             src_dir, dst_dir = os.path.join(other, "runs", run.name), self.workdir(run.name)
             if os.path.isdir(src_dir):  # the workdir first: a record's presence means done
@@ -138,14 +162,17 @@ class Suite:
                                 pretrain_steps=self.preset.pretrain_steps,
                                 model_config=self.model_config)
 
-    def finish(self, run: Run, loss: float, wall: float) -> dict[str, Any]:
+    def finish(self, run: Run, loss: float, wall: float,
+               learning_rate: float | None = None) -> dict[str, Any]:
         g = run.num_kv_heads
         record = {
             "name": run.name, "kind": run.kind, "num_kv_heads": g, "method": run.method,
-            "alpha": run.alpha, "seed": run.seed,
+            "alpha": run.alpha, "seed": run.seed, "pretrain_seed": run.pretrain_seed,
+            "learning_rate": learning_rate,
             "steps": results.expected_steps(run.kind, run.alpha, self.preset.pretrain_steps),
             "val_loss": float(loss), "val_perplexity": math.exp(min(float(loss), 700.0)),
-            "decode_ms_per_token": self.speed["ms"][str(g)],
+            "decode_ms_per_step": self.speed["ms"][str(g)],
+            "decode_tokens_per_step": self.speed["batch"],
             "kv_cache_bytes_per_token": kv_cache_bytes_per_token(
                 self.model_config.replace(num_kv_heads=g)),
             "wall_seconds": round(float(wall), 3),
@@ -182,8 +209,15 @@ class Suite:
 
     def _output(self, run: Run) -> str:
         """Where a run's training or conversion is: its workdir, or a conversion's checkpoint."""
-        workdir = self.workdir(planning.workdir_name(run))
+        workdir = self.workdir(self._workdir_name(run))
         return os.path.join(workdir, "checkpoint") if run.kind == "convert" else workdir
+
+    def _learning_rate(self, run: Run) -> float | None:
+        return planning.learning_rate(self.preset, run, self.records)
+
+    def _workdir_name(self, run: Run) -> str:
+        lr = self._learning_rate(run) if run.kind == "uptrain" else None
+        return planning.workdir_name(run, lr)
 
     def _evaluate(self, path: str) -> float:
         return evaluate.evaluate_model(path, batch_size=self.preset.batch_size,
@@ -193,14 +227,17 @@ class Suite:
     def _training_config(self, run: Run):
         init = planning.init_run(self.preset, run)
         return planning.training_config(self.preset, run, self._output(init) if init else "",
-                                        self.data_cache)
+                                        self.data_cache, self._learning_rate(run))
 
     # -- the kinds of run
     def run_training(self, run: Run) -> None:
-        """pretrain, continue, uptrain, scratch: the record of the training's final evaluation."""
-        self.finish(run, *self._train(self._training_config(run), planning.workdir_name(run)))
+        """pretrain, continue, lr, uptrain, scratch: the record of the training's final
+        evaluation."""
+        config = self._training_config(run)
+        self.finish(run, *self._train(config, self._workdir_name(run)),
+                    learning_rate=config.optimizer.learning_rate)
 
-    run_pretrain = run_continue = run_uptrain = run_scratch = run_training
+    run_pretrain = run_continue = run_lr = run_uptrain = run_scratch = run_training
 
     def run_convert(self, run: Run) -> None:
         start = time.perf_counter()
@@ -220,19 +257,24 @@ class Suite:
     def run_sweep(self, run: Run) -> None:
         """Trains (or finds) the sweep's one run to max(alpha) and evaluates its checkpoint at
         this point's alpha."""
-        name = planning.workdir_name(run)
-        _, wall = self._train(self._training_config(run), name)
+        name = self._workdir_name(run)
+        config = self._training_config(run)
+        _, wall = self._train(config, name)
         start = time.perf_counter()
         loss = self._evaluate(checkpoints.step_dir(self.workdir(name),
                                                    self.preset.steps(run.alpha)))
-        self.finish(run, loss, wall + time.perf_counter() - start)
+        self.finish(run, loss, wall + time.perf_counter() - start,
+                    learning_rate=config.optimizer.learning_rate)
 
     # -- speed
     def measure_speed(self) -> None:
         """speed.json: decode ms per step for every G, all variants alternated in one measurement
-        (skipped when speed.json holds the same setting)."""
+        (every round kept: medians with 95% intervals, speed-ups paired by round), and the
+        roofline's ideal step at the bandwidth and matmul peak measured right after; skipped when
+        speed.json holds the same setting."""
         p = self.preset
-        setting = {"batch": p.speed_batch, "context": p.speed_context, "repeats": p.speed_repeats}
+        setting = {"batch": p.speed_batch, "context": p.speed_context, "repeats": p.speed_repeats,
+                   "format": SPEED_FORMAT}
         path = os.path.join(self.out, "speed.json")
         if os.path.exists(path):
             with open(path) as f:
@@ -249,20 +291,67 @@ class Suite:
         variants = [(str(g), perf.decode_step_setup(self.model_config.replace(num_kv_heads=g),
                                                     p.speed_batch, p.speed_context))
                     for g in gs]
-        seconds = perf.measure_decode(variants, repeats=p.speed_repeats)
+        samples = perf.measure_alternating_samples(variants, repeats=p.speed_repeats)
         del variants  # frees the caches
-        self.speed = {**setting, "ms": {g: s * 1e3 for g, s in seconds.items()},
-                      "wall_seconds": time.perf_counter() - start}
+        # The machine's limits in the same session: 256 MiB >> this CPU's last-level cache.
+        bandwidth = perf.measure_bandwidth(num_bytes=1 << 28)
+        peak = perf.measure_peak_flops(n=1024)
+        per_g = {}
+        mha = samples[str(p.num_heads)]
+        for g, times in samples.items():
+            lo, hi = perf.median_ci(times)
+            ratio = perf.paired_ratio(mha, times)
+            cost = perf.decode_cost(self.model_config.replace(num_kv_heads=int(g)),
+                                    p.speed_batch, p.speed_context)
+            per_g[g] = {"ms": float(np.median(times)) * 1e3, "ms_lo": lo * 1e3, "ms_hi": hi * 1e3,
+                        "speed_up": ratio["median"], "speed_up_lo": ratio["lo"],
+                        "speed_up_hi": ratio["hi"],
+                        "roofline_ms": cost.roofline_seconds(bandwidth, peak) * 1e3,
+                        "samples_ms": [t * 1e3 for t in times]}
+        self.speed = {**setting, "ms": {g: v["ms"] for g, v in per_g.items()},
+                      "per_kv_heads": per_g, "bandwidth_bytes_per_s": bandwidth,
+                      "peak_flops": peak, "wall_seconds": time.perf_counter() - start}
         results.write_json_atomic(path, self.speed)
         self.summary["ran"].append("speed")
-        log("speed: " + ", ".join(f"G={g}: {ms:.2f} ms" for g, ms in self.speed["ms"].items()))
+        log("speed: " + ", ".join(f"G={g}: {v['ms']:.2f} ms [{v['ms_lo']:.2f}, {v['ms_hi']:.2f}]"
+                                  for g, v in per_g.items()))
+
+    # -- head analysis
+    def update_analysis(self) -> None:
+        """analysis.json: head_analysis.analyse of every finished pretraining, for every G of the
+        preset (each computed once: the pretrained params never change)."""
+        path = os.path.join(self.out, "analysis.json")
+        entries = []
+        if os.path.exists(path):
+            with open(path) as f:
+                entries = json.load(f)
+        done = {e["pretrain_seed"] for e in entries}
+        added = False
+        for run in plan(self.preset):
+            if run.kind != "pretrain" or run.name not in self.records or run.pretrain_seed in done:
+                continue
+            params, _, _ = loading.load(self._output(run), what="the pretrained MHA")
+            params = {k: np.asarray(v) for k, v in params.items()}
+            for g in sorted(self.preset.kv_heads, reverse=True):
+                entries.append({"pretrain_seed": run.pretrain_seed, "num_kv_heads": g,
+                                "layers": head_analysis.analyse(params, g)})
+            added = True
+        if added:
+            results.write_json_atomic(path, entries)
+        self.analysis = entries
 
     # -- everything
     def results_object(self) -> dict[str, Any]:
+        per_g = {g: {k: v for k, v in row.items() if k != "samples_ms"}  # in speed.json
+                 for g, row in self.speed["per_kv_heads"].items()}
         return {
+            "format": results.FORMAT,
             "preset": json.loads(json.dumps(dataclasses.asdict(self.preset))),
             "model": self.model_config.to_dict(),
-            "speed": {k: self.speed[k] for k in ("batch", "context", "repeats")},
+            "speed": {**{k: self.speed[k] for k in ("batch", "context", "repeats",
+                                                     "bandwidth_bytes_per_s", "peak_flops")},
+                      "per_kv_heads": per_g},
+            "analysis": self.analysis,
             "machine": {"platform": jax.default_backend(),
                         "device": str(jax.devices()[0].device_kind),
                         "cpu_count": os.cpu_count(), "processor": perf.cpu_model(),
@@ -293,8 +382,8 @@ class Suite:
             record = self.load_record(run.name)
             if record is not None:
                 ms = self.speed["ms"][str(run.num_kv_heads)]
-                if record["decode_ms_per_token"] != ms:  # speed.json was measured again
-                    record = {**record, "decode_ms_per_token": ms}
+                if record["decode_ms_per_step"] != ms:  # speed.json was measured again
+                    record = {**record, "decode_ms_per_step": ms}
                     results.write_json_atomic(self.record_path(run.name), record)
                 self.records[run.name] = record
                 self.summary["skipped"].append(run.name)
@@ -302,12 +391,23 @@ class Suite:
                 continue
             log(f"run {run.name} ({i}/{len(runs)})")
             getattr(self, f"run_{run.kind}")(run)
+            self.update_analysis()
             self.write_outputs()
+        self.update_analysis()
         figures = self.write_outputs(report=True)
         log(f"wrote {os.path.join(self.out, 'results.json')}, table.md"
             f"{''.join(', ' + f for f in figures)}; ran {len(self.summary['ran'])}, skipped "
             f"{len(self.summary['skipped'])}")
         return self.summary
+
+
+def _check_suite_version(saved: dict[str, Any], where: str) -> None:
+    """ValueError unless a suite.json was written under SUITE_VERSION (one line naming why)."""
+    theirs = {k: saved.get(k) for k in SUITE_VERSION}
+    if theirs != SUITE_VERSION:
+        raise ValueError(f"{where} holds runs made under {theirs} (None: before versions were "
+                         f"recorded), not {SUITE_VERSION}: their learning rates differ from this "
+                         "code's; use another --output_dir")
 
 
 def _final_val_loss(workdir: str, num_steps: int) -> float | None:

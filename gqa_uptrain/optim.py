@@ -14,13 +14,21 @@ import jax
 import optax
 
 SCHEDULES = ("cosine", "constant", "wsd")
+# The learning-rate schedules' version, saved with every run (run_config.config_dict) so that a
+# workdir trained under another version refuses to resume instead of silently changing its rates.
+#   1  (unrecorded) warmup linear from 0 at step 0: step 0 was a no-op update.
+#   2  warmup linear from peak/warmup_steps at step 0 to the peak at step warmup_steps - 1.
+SCHEDULE_VERSION = 2
 
 
 def make_schedule(name: str, *, peak_lr: float, warmup_steps: int, total_steps: int,
                   decay_fraction: float, min_lr_ratio: float) -> optax.Schedule:
     """Learning rate as a function of the optimizer step (0-based).
 
-    All schedules warm up linearly from 0 to peak_lr over warmup_steps, then:
+    All schedules warm up linearly over warmup_steps W: lr(s) = peak_lr * (s + 1) / W for s < W,
+    so step 0 already moves the weights (at peak_lr / W; version 1 started at 0, a wasted step
+    that was a quarter of a 4-step warmup) and step W - 1 is the first at the peak. Then, from
+    step W:
       cosine    cosine decay to min_lr_ratio * peak_lr at total_steps;
       constant  stay at peak_lr;
       wsd       stay at peak_lr, then decay linearly to min_lr_ratio * peak_lr over the last
@@ -36,7 +44,9 @@ def make_schedule(name: str, *, peak_lr: float, warmup_steps: int, total_steps: 
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(f"min_lr_ratio={min_lr_ratio} must be in [0, 1]")
     end_lr = peak_lr * min_lr_ratio
-    warmup = optax.linear_schedule(0.0, peak_lr, max(warmup_steps, 1))
+    # peak/W at count 0 to peak at count W-1: lr(s) = peak (s + 1) / W (W = 1: the peak at once).
+    warmup = optax.linear_schedule(peak_lr / max(warmup_steps, 1), peak_lr,
+                                   max(warmup_steps - 1, 1))
     rest = total_steps - warmup_steps
     if name == "cosine":
         after = optax.cosine_decay_schedule(peak_lr, max(rest, 1), alpha=min_lr_ratio)

@@ -4,14 +4,19 @@
   reduction over a buffer much larger than the last-level cache, peak FLOP/s as a large matmul.
 - A bytes/FLOPs model of one decode step (all layers, KV cache of `context` tokens), and its
   roofline time max(bytes / bandwidth, flops / peak).
-- `measure_decode`: ms per token of this project's decode step, variants alternated, median of
-  repeats. The experiment suite's speed numbers come from this one function. It is
-  `measure_alternating`, the timer every benchmark uses (training steps, converter runs too).
+- `measure_decode`: seconds per decode step (one new token for each of `batch` sequences) of
+  this project's decode step, variants alternated, median of repeats. It is
+  `measure_alternating`, the timer every benchmark uses (training steps, converter runs too);
+  `measure_alternating_samples` keeps every repeat, from which the experiment suite reports each
+  median with its confidence interval (`median_ci`) and each speed-up as the median of the
+  per-round ratios (`paired_ratio`: a round times every variant back to back, so the machine's
+  slow phases cancel in the ratio).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import platform
 import time
 from typing import Callable, Sequence
@@ -137,9 +142,10 @@ def decode_step_setup(config: model_lib.ModelConfig, batch: int, context: int, *
     return run
 
 
-def measure_alternating(variants: Sequence[tuple[str, Callable[[], object]]], repeats: int = 5,
-                        warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each named no-arg callable, variants alternated round-robin.
+def measure_alternating_samples(variants: Sequence[tuple[str, Callable[[], object]]],
+                                repeats: int = 5, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of every call of each named no-arg callable, variants alternated round-robin:
+    {name: [seconds of round 0, round 1, ...]} (`repeats` rounds after `warmup` untimed ones).
 
     Alternating spreads the machine's slow phases over all variants, so their ratios are fair.
     A callable's result is waited for with jax.block_until_ready (a no-op for anything that is not
@@ -154,7 +160,45 @@ def measure_alternating(variants: Sequence[tuple[str, Callable[[], object]]], re
             start = time.perf_counter()
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return times
+
+
+def measure_alternating(variants: Sequence[tuple[str, Callable[[], object]]], repeats: int = 5,
+                        warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each named no-arg callable, variants alternated round-robin
+    (measure_alternating_samples)."""
+    samples = measure_alternating_samples(variants, repeats, warmup)
+    return {name: float(np.median(t)) for name, t in samples.items()}
+
+
+def median_ci(samples: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median: order statistics x_(k), x_(n+1-k)
+    with the largest k for which P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2, so it assumes
+    only independent repeats. Needs n >= 6 at 95% (fewer: ValueError naming n)."""
+    x = np.sort(np.asarray(samples, np.float64))
+    n = len(x)
+    tail = (1.0 - confidence) / 2
+    k, below = 0, 0.0  # below: P(B <= k), accumulated as k grows
+    while True:
+        below += math.comb(n, k) / 2.0 ** n
+        if below > tail:
+            break
+        k += 1
+    if k < 1:
+        raise ValueError(f"{n} repeats are too few for a {confidence:.0%} interval of the median "
+                         "(need >= 6 at 95%)")
+    return float(x[k - 1]), float(x[n - k])
+
+
+def paired_ratio(reference: Sequence[float], other: Sequence[float],
+                 confidence: float = 0.95) -> dict[str, float]:
+    """Speed-up of `other` over `reference` from rounds timed back to back (the same index is the
+    same round): {'median', 'lo', 'hi'} of the per-round ratios reference / other (median_ci)."""
+    if len(reference) != len(other):
+        raise ValueError(f"paired samples differ in length: {len(reference)} vs {len(other)}")
+    ratios = np.asarray(reference, np.float64) / np.asarray(other, np.float64)
+    lo, hi = median_ci(ratios, confidence)
+    return {"median": float(np.median(ratios)), "lo": lo, "hi": hi}
 
 
 def measure_decode(variants: Sequence[tuple[str, Callable[[], object]]], repeats: int = 5,
@@ -164,9 +208,10 @@ def measure_decode(variants: Sequence[tuple[str, Callable[[], object]]], repeats
     return measure_alternating(variants, repeats, warmup)
 
 
-def decode_ms_per_token(config: model_lib.ModelConfig, batch: int, context: int,
-                        repeats: int = 5, **setup_kw) -> float:
-    """ms for one decode step of `batch` sequences at `context` tokens (median of repeats)."""
+def decode_ms_per_step(config: model_lib.ModelConfig, batch: int, context: int,
+                       repeats: int = 5, **setup_kw) -> float:
+    """ms for one decode step: one new token for each of `batch` sequences at `context` cached
+    tokens (median of repeats). Per generated token it is this / batch."""
     run = decode_step_setup(config, batch, context, **setup_kw)
     return measure_decode([("step", run)], repeats=repeats)["step"] * 1e3
 

@@ -13,6 +13,12 @@ Methods (METHODS):
   first   each new head is the first head of its group (the paper's ablation).
   random  a fresh normal initialisation of the new heads (the paper's third baseline), seeded;
           biases become zeros. Drawn afresh even when num_kv_heads == K.
+  mean_normed  the mean rescaled to its members' average norm (each head's tensor slice, e.g. a
+          k_proj head's [d_model, head_dim], as one vector): a control for `mean`. Averaging r
+          nearly unrelated heads shrinks the norm by about 1/sqrt(r) (softer attention, smaller
+          values); this keeps the mean's direction and undoes only that shrinkage
+          (head_analysis.py measures both). Equal to `mean` when a group's heads are equal; a zero
+          mean stays zero.
 
 This module is plain numpy (no jax, no torch) so that the Hugging Face -> Hugging Face path can use it
 on one tensor at a time. Arithmetic is in float32, or float64 for float64 tensors, and the result is
@@ -36,7 +42,7 @@ from gqa_uptrain import heads
 if TYPE_CHECKING:  # model.py imports jax; this module must not (the HF -> HF path is jax-free).
     from gqa_uptrain.model import ModelConfig
 
-METHODS = ("mean", "first", "random")
+METHODS = ("mean", "first", "random", "mean_normed")
 
 # Flat param names of this project's model that carry KV heads, and their head axis.
 #   k_proj, v_proj [d_model, num_kv_heads, head_dim] -> axis 1;  k_bias, v_bias [num_kv_heads, head_dim] -> 0.
@@ -75,6 +81,20 @@ def _pool_mean(grouped: np.ndarray, **_) -> np.ndarray:
     return grouped.astype(_compute_dtype(grouped.dtype)).mean(axis=1)
 
 
+def _head_norms(grouped: np.ndarray) -> np.ndarray:
+    """[G, r, ...] -> [G, r]: each member head's norm over all its other axes."""
+    x = grouped.astype(_compute_dtype(grouped.dtype))
+    return np.sqrt(np.square(x).reshape(x.shape[:2] + (-1,)).sum(axis=-1))
+
+
+def _pool_mean_normed(grouped: np.ndarray, **_) -> np.ndarray:
+    mean = _pool_mean(grouped)  # [G, ...]
+    pooled_norm = np.sqrt(np.square(mean).reshape(mean.shape[0], -1).sum(axis=-1))  # [G]
+    target = _head_norms(grouped).mean(axis=1)  # [G]: the members' average norm
+    scale = np.divide(target, pooled_norm, out=np.ones_like(target), where=pooled_norm > 0)
+    return mean * scale.reshape((-1,) + (1,) * (mean.ndim - 1))
+
+
 def _pool_first(grouped: np.ndarray, **_) -> np.ndarray:
     return grouped[:, 0]
 
@@ -94,8 +114,20 @@ _POOLERS: dict[str, Callable[..., np.ndarray]] = {
     "mean": _pool_mean,
     "first": _pool_first,
     "random": _pool_random,
+    "mean_normed": _pool_mean_normed,
 }
 assert tuple(_POOLERS) == METHODS
+
+
+def group_heads(w: np.ndarray, num_kv_heads: int, *, head_axis: int) -> np.ndarray:
+    """The contiguous groups of w's K heads: [num_kv_heads, r, ...rest] with r = K // num_kv_heads
+    and rest = w's other axes in order; group j holds heads j*r .. j*r+r-1 (the one grouping of
+    this codebase). A view where numpy can make one. ValueError (heads.pool_ratio) unless
+    num_kv_heads divides K."""
+    w = np.asarray(w)
+    front = np.moveaxis(w, head_axis % w.ndim, 0)
+    ratio = heads.pool_ratio(front.shape[0], num_kv_heads)
+    return front.reshape((num_kv_heads, ratio) + front.shape[1:])
 
 
 def pool_kv_heads(w: np.ndarray, num_kv_heads: int, method: str = "mean", *, head_axis: int,
@@ -116,12 +148,9 @@ def pool_kv_heads(w: np.ndarray, num_kv_heads: int, method: str = "mean", *, hea
         raise ValueError(f"method={method!r} is not one of {METHODS}")
     w = np.asarray(w)
     head_axis = head_axis % w.ndim
-    num_heads = w.shape[head_axis]
-    ratio = heads.pool_ratio(num_heads, num_kv_heads)
     if is_bias is None:
         is_bias = w.ndim <= 2 and head_axis == 0
-    front = np.moveaxis(w, head_axis, 0)
-    grouped = front.reshape((num_kv_heads, ratio) + front.shape[1:])  # [G, r, ...]
+    grouped = group_heads(w, num_kv_heads, head_axis=head_axis)  # [G, r, ...]
     pooled = _POOLERS[method](grouped, seed=seed, init_std=init_std, is_bias=is_bias)  # [G, ...]
     return np.ascontiguousarray(np.moveaxis(pooled.astype(w.dtype), 0, head_axis))
 

@@ -1,7 +1,8 @@
 """A training run's config on disk: what is saved beside the checkpoints, what may change on resume,
 the run's length, and the small multi-host helpers the trainer writes those files with.
 
-WORKDIR/train_config.json holds the config a run was started (or last resumed) with; run.json the
+WORKDIR/train_config.json holds the config a run was started (or last resumed) with, plus the
+learning-rate schedules' version (SCHEDULE_VERSION_KEY: optim.SCHEDULE_VERSION); run.json the
 resolved run (number of steps, source, tokenizer, model config); config_changes.jsonl one line per
 config change a resume accepted. The rule for those changes is train.py's module docstring
 ("Resume with a changed config").
@@ -33,6 +34,9 @@ RESUMABLE_CHANGES = ("mesh", "progress_bar", "log_every", "eval_every", "checkpo
                      "keep_checkpoints")
 # Keys that set the run's length: accepted under the schedule rule (module docstring).
 LENGTH_KEYS = ("num_steps", "alpha")
+# Saved beside the config keys (not a config key: nothing can set it), so that a run saved under
+# another schedule version is refused on resume rather than continued with different rates.
+SCHEDULE_VERSION_KEY = "schedule_version"
 
 
 class TrainError(ValueError):
@@ -68,7 +72,24 @@ def log(msg: str) -> None:
 
 
 def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return json.loads(config.to_json_best_effort(sort_keys=True))
+    """The config as saved (train_config.json, a checkpoint's provenance): its keys, and the
+    learning-rate schedules' version under SCHEDULE_VERSION_KEY."""
+    out = json.loads(config.to_json_best_effort(sort_keys=True))
+    out[SCHEDULE_VERSION_KEY] = optim.SCHEDULE_VERSION
+    return out
+
+
+def check_schedule_version(saved: dict[str, Any], workdir: str) -> None:
+    """TrainError unless the saved config's schedule version is this trainer's: the same config
+    under another version would give its remaining (and past) steps other learning rates."""
+    version = saved.get(SCHEDULE_VERSION_KEY)
+    if version != optim.SCHEDULE_VERSION:
+        was = ("none recorded, i.e. version 1, whose warmup started at lr 0" if version is None
+               else f"version {version}")
+        raise TrainError(f"{workdir} was trained under learning-rate schedule {was}; this trainer "
+                         f"has version {optim.SCHEDULE_VERSION} (warmup from peak/warmup_steps at "
+                         "step 0), so resuming would change its learning rates; use a new "
+                         "--workdir")
 
 
 def flat_items(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -116,6 +137,7 @@ def check_resume_config(config, workdir: str, run: dict[str, Any], step: int) ->
     path = os.path.join(workdir, CONFIG_FILE)
     with open(path) as f:
         saved = json.load(f)
+    check_schedule_version(saved, workdir)
     current = config_dict(config)
     diff = config_diff(saved, current)
     refused = {k: v for k, v in diff.items()

@@ -31,3 +31,33 @@ def test_tied_embeddings_are_read_whole_as_the_head():
     # Same bytes: tied reads the 100×64 table once as the head instead of a separate lm_head.
     assert perf.decode_cost(tied, 2, 5).weight_bytes == perf.decode_cost(untied, 2, 5).weight_bytes
     assert perf.decode_cost(tied, 2, 5).flops == perf.decode_cost(untied, 2, 5).flops
+
+
+def test_median_interval_is_the_binomial_order_statistics():
+    import math
+
+    import numpy as np
+    import pytest
+
+    # n = 10: ranks 2 and 9 (coverage 1 - 2 P(B(10, 1/2) <= 1) = 97.9%); n = 30: ranks 10 and 21.
+    assert perf.median_ci(list(range(10, 0, -1))) == (2.0, 9.0)
+    assert perf.median_ci(range(1, 31)) == (10.0, 21.0)
+    for n in (6, 11, 60):
+        lo, hi = perf.median_ci(range(1, n + 1))
+        k = int(lo)
+        assert hi == n + 1 - k
+        tail = sum(math.comb(n, i) for i in range(k)) / 2 ** n
+        assert tail <= 0.025 < tail + math.comb(n, k) / 2 ** n  # the largest such k
+    with pytest.raises(ValueError, match="5 repeats are too few"):
+        perf.median_ci([1.0] * 5)
+    # Paired ratios: a variant 5% faster in every round, under noise common to the round, is
+    # resolved: the whole interval lies above 1.
+    rng = np.random.default_rng(0)
+    phase = np.exp(rng.normal(0, 0.3, 60))  # the machine's slow and fast phases, shared
+    mha = 10.0 * phase * np.exp(rng.normal(0, 0.01, 60))
+    gqa = 10.0 / 1.05 * phase * np.exp(rng.normal(0, 0.01, 60))
+    ratio = perf.paired_ratio(mha, gqa)
+    assert 1.0 < ratio["lo"] <= ratio["median"] <= ratio["hi"] < 1.1
+    assert ratio["median"] == pytest.approx(1.05, abs=0.01)
+    with pytest.raises(ValueError, match="differ in length"):
+        perf.paired_ratio([1.0] * 6, [1.0] * 7)

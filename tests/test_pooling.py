@@ -113,7 +113,7 @@ def test_bad_method_and_dtype():
 
 
 def test_methods_list_matches_dispatch():
-    assert pooling.METHODS == ("mean", "first", "random")
+    assert pooling.METHODS == ("mean", "first", "random", "mean_normed")
     for method in pooling.METHODS:
         pooling.pool_kv_heads(_weights(), 2, method, head_axis=1)
 
@@ -247,3 +247,26 @@ def test_kv_projection_params():
     params = _params(config)
     kv = sum(v.size for k, v in params.items() if pooling.kv_param_head_axis(k) is not None)
     assert pooling.kv_projection_params(2, 32, 4, 8, True) == kv
+
+
+def test_mean_normed_is_the_mean_at_its_members_average_norm():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 8, 4)).astype(np.float32)  # [d_model, K, head_dim]
+    out = pooling.pool_kv_heads(w, 2, "mean_normed", head_axis=1)
+    mean = pooling.pool_kv_heads(w, 2, "mean", head_axis=1)
+    for j in range(2):  # group j: old heads 4j .. 4j+3, by a plain loop
+        members = [np.linalg.norm(w[:, 4 * j + i, :].astype(np.float64)) for i in range(4)]
+        np.testing.assert_allclose(np.linalg.norm(out[:, j, :]), np.mean(members), rtol=1e-5)
+        # Same direction as the mean; the mean itself is shorter (~1/2 for 4 random heads).
+        cos = np.sum(out[:, j] * mean[:, j]) / (np.linalg.norm(out[:, j]) *
+                                                 np.linalg.norm(mean[:, j]))
+        assert cos == pytest.approx(1.0, abs=1e-6)
+        assert np.linalg.norm(mean[:, j]) < 0.7 * np.mean(members)
+    # Equal heads: exactly the mean (= each head); a zero group stays zero.
+    same = np.repeat(w[:, :1], 8, axis=1)
+    np.testing.assert_allclose(pooling.pool_kv_heads(same, 2, "mean_normed", head_axis=1),
+                               same[:, :2], rtol=1e-6)
+    assert not pooling.pool_kv_heads(np.zeros_like(w), 2, "mean_normed", head_axis=1).any()
+    # The HF layout (head axis first) gives the same heads.
+    hf = pooling.pool_kv_heads(np.moveaxis(w, 1, 0), 2, "mean_normed", head_axis=0)
+    np.testing.assert_allclose(np.moveaxis(hf, 0, 1), out, rtol=1e-6)
