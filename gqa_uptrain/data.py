@@ -1,5 +1,8 @@
-"""Training and evaluation data: sources, tokenizers, packing, and a batch order that is a pure
-function of (seed, step).
+"""Training and evaluation data: sources, tokenizers, token stores on disk, packing, and a batch
+order that is a pure function of (seed, step).
+
+    python -m gqa_uptrain.data prepare --config=configs/pretrain.py:smoke [--config.KEY=...] \\
+        [--workdir=DIR]      # both splits' stores, in data.cache_dir or DIR/data_cache
 
 Sources (DataSpec.source):
   'stdlib'  the running interpreter's own standard-library source (`sysconfig.get_paths()['stdlib']`),
@@ -20,8 +23,19 @@ Tokenizers: 'byte' (ids 0..255 are the bytes, BYTE_BOS_ID = 256 starts every doc
 BYTE_VOCAB_SIZE = 257) or a Hugging Face `tokenizer.json` through the `tokenizers` library, whose own
 post-processor decides whether a BOS is added (its "BOS rule").
 
-Packing: a split's documents are tokenized and concatenated into one stream (TokenStream). Window w
-covers stream[w*seq_len : w*seq_len + seq_len + 1]: inputs are its first seq_len tokens, targets the
+Token stores (token_store.py): each split is tokenized once, document by document, into its own store
+folder under the cache dir: the token ids in one flat file (uint16 for a vocabulary of up to 65,536
+ids, else uint32), the documents' start offsets in another, and a manifest (the sources and their
+hashes, the tokenizer's fingerprint, token count, dtype, format version). The folder's name is a hash
+of what selects the documents (source, globs or dataset, split rule) and of the tokenizer's
+fingerprint; opening it checks that its manifest still agrees with the config (the same files, by
+path and size+mtime, re-hashed when those changed; the same dataset fingerprint; the same tokenizer)
+and refuses, naming what differs, when not. `load_split` prepares a missing store (process 0 of a
+multi-process run; the others wait for its manifest) and returns the store's arrays as memory maps,
+so a process reads only the windows of its own rows.
+
+Packing: a split's documents, concatenated, are one token stream (TokenStream). Window w covers
+stream[w*seq_len : w*seq_len + seq_len + 1]: inputs are its first seq_len tokens, targets the
 last seq_len, so consecutive windows overlap by one token and every stream token after the first is a
 target exactly once. Inside a window, segment ids (1, 2, ...) keep documents apart in attention,
 positions restart at 0 at the window start and at every document start, and a target that belongs to
@@ -40,10 +54,14 @@ import math
 import os
 import sys
 import sysconfig
+import time
 from functools import lru_cache
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+
+from gqa_uptrain import token_store
+from gqa_uptrain.token_store import DataError
 
 SOURCES = ("stdlib", "files", "hf")
 BYTE_VOCAB_SIZE = 257
@@ -52,11 +70,13 @@ BYTE_BOS_ID = 256
 # 12 MB of library code), third-party packages, and the build's machine-specific config dir.
 _STDLIB_SKIP_DIRS = ("test", "tests", "idle_test", "site-packages", "__pycache__")
 _TEXT_EXTENSIONS = (".txt", ".text", ".md", ".py", ".rst")
-_CACHE_VERSION = 1
-
-
-class DataError(ValueError):
-    """A data source, split or tokenizer that cannot be used."""
+# Documents tokenized together while preparing a store: a batch is what the Rust BPE encoder runs
+# in parallel, and the bound on the text held in memory at once.
+_PREPARE_BATCH_DOCUMENTS = 256
+_PREPARE_BATCH_CHARS = 32 * 2**20
+# How long the other processes of a run wait for process 0 to prepare a store: tokenizing is
+# ~220k tokens/s on 2 cores, so a day covers ~19B tokens there; beyond, run `prepare` first.
+PREPARE_WAIT_S = 24 * 3600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +94,7 @@ class DataSpec:
     val_fraction: float  # share of documents in validation when splitting by hash
     tokenizer: str  # 'byte', 'auto' (the model's own tokenizer.json if it has one, else byte), a path
     seq_len: int
-    cache_dir: str  # where tokenized splits are cached ('' = the trainer's choice)
+    cache_dir: str  # where the splits' token stores are prepared ('' = the trainer's choice)
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -176,21 +196,73 @@ def stdlib_files(root: str | None = None) -> list[str]:
     return sorted(out)
 
 
-def _stdlib_documents(spec: DataSpec, split: str) -> tuple[list[bytes], dict[str, Any]]:
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()  # in chunks: files may be large
+
+
+def _file_stat(path: str) -> list[int]:
+    """[size, mtime_ns]: what says a file is unchanged without re-hashing it."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+@dataclasses.dataclass
+class _Reading:
+    """A split's documents, read one at a time (`documents`), and what they were read from.
+
+    manifest: the split's manifest, complete (num_documents, sha256) after finish();
+    file_stats: {name in the manifest: [size, mtime_ns]} of the files read (only in the store's
+    manifest: it is machine-specific, so it is not part of the split's sha256).
+    """
+
+    documents: Iterator[bytes | str]
+    manifest: dict[str, Any]
+    file_stats: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    count: int = 0
+
+    def __iter__(self) -> Iterator[bytes | str]:
+        for doc in self.documents:
+            self.count += 1
+            yield doc
+
+    def finish(self, spec: DataSpec, split: str) -> dict[str, Any]:
+        """The manifest, once every document was read; an empty split is a DataError."""
+        if "sha256" in self.manifest:
+            return self.manifest
+        if not self.count:
+            raise DataError(f"the {split} split of data.source={spec.source!r} is empty "
+                            f"(val_fraction={spec.val_fraction})")
+        self.manifest["num_documents"] = self.count
+        self.manifest["sha256"] = hashlib.sha256(
+            json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
+        return self.manifest
+
+
+def _stdlib_split_files(spec: DataSpec, split: str) -> list[tuple[str, str]]:
     root = stdlib_root()
-    docs, files = [], []
-    for rel in stdlib_files(root):
-        in_val = _hash_unit(rel.encode()) < spec.val_fraction
-        if in_val != (split == "validation"):
-            continue
-        with open(os.path.join(root, rel), "rb") as f:
-            data = f.read()
-        docs.append(data)
-        files.append([rel, hashlib.sha256(data).hexdigest()])
-    manifest = {"source": "stdlib", "root": root, "python": sys.version.split()[0],
+    return [(rel, os.path.join(root, rel)) for rel in stdlib_files(root)
+            if (_hash_unit(rel.encode()) < spec.val_fraction) == (split == "validation")]
+
+
+def _stdlib_documents(spec: DataSpec, split: str) -> _Reading:
+    files = []
+    manifest = {"source": "stdlib", "root": stdlib_root(), "python": sys.version.split()[0],
                 "split": split, "rule": f"sha256(relpath)[:8]/16**8 < {spec.val_fraction} -> "
                 "validation", "files": files}
-    return docs, manifest
+    reading = _Reading(iter(()), manifest)
+    listed = _stdlib_split_files(spec, split)
+
+    def read() -> Iterator[bytes]:
+        for rel, path in listed:
+            reading.file_stats[rel] = _file_stat(path)  # before reading: a later edit re-hashes
+            with open(path, "rb") as f:
+                data = f.read()
+            files.append([rel, hashlib.sha256(data).hexdigest()])
+            yield data
+
+    reading.documents = read()
+    return reading
 
 
 def _expand(globs: str) -> list[str]:
@@ -201,6 +273,10 @@ def _expand(globs: str) -> list[str]:
             raise DataError(f"data.path: no file matches {pattern!r}")
         paths += found
     return paths
+
+
+def _absolute_globs(globs: str) -> list[str]:
+    return [os.path.abspath(os.path.expanduser(g.strip())) for g in globs.split(",") if g.strip()]
 
 
 def _builder_for(paths: list[str]) -> str:
@@ -221,73 +297,91 @@ def _builder_for(paths: list[str]) -> str:
     return kinds.pop()
 
 
-def _texts(dataset, text_field: str, where: str) -> list[str]:
+def _texts(dataset, text_field: str, where: str, keep: Callable[[str], bool] | None
+           ) -> Iterator[str]:
+    """The non-empty texts of a datasets.Dataset column, a batch of rows at a time (the Arrow
+    table is memory-mapped: only the batch is in memory), those `keep` accepts."""
     if text_field not in dataset.column_names:
         raise DataError(f"{where}: no column {text_field!r} (columns: {dataset.column_names}); set "
                         "data.text_field")
-    return [t for t in dataset[text_field] if t]
+
+    def read() -> Iterator[str]:
+        for batch in dataset.select_columns([text_field]).iter(batch_size=1024):
+            for text in batch[text_field]:
+                if text and (keep is None or keep(text)):
+                    yield text
+
+    return read()
 
 
-def _hash_filter(texts: list[str], spec: DataSpec, split: str) -> list[str]:
-    return [t for t in texts
-            if (_hash_unit(t.encode("utf-8")) < spec.val_fraction) == (split == "validation")]
+def _hash_rule(spec: DataSpec, split: str) -> Callable[[str], bool]:
+    """Keeps the texts of `split` under the hash rule on the document's text."""
+    return lambda t: (_hash_unit(t.encode("utf-8")) < spec.val_fraction) == (split == "validation")
 
 
-def _local_documents(spec: DataSpec, split: str, cache_dir: str) -> tuple[list[str], dict]:
+def _local_split_files(spec: DataSpec, split: str) -> list[tuple[str, str]]:
+    use_val_files = split == "validation" and spec.val_path
+    return [(os.path.abspath(p), p) for p in _expand(spec.val_path if use_val_files else spec.path)]
+
+
+def _local_documents(spec: DataSpec, split: str, cache_dir: str) -> _Reading:
     import datasets  # noqa: PLC0415  (slow import; only this source needs it)
 
-    use_val_files = split == "validation" and spec.val_path
-    paths = _expand(spec.val_path if use_val_files else spec.path)
+    listed = _local_split_files(spec, split)
+    paths = [p for _, p in listed]
     builder = _builder_for(paths)
+    reading = _Reading(iter(()), {})
+    files = []
+    for name, path in listed:
+        reading.file_stats[name] = _file_stat(path)
+        files.append([name, _file_sha256(path)])
+    reading.manifest = {"source": "files", "split": split, "files": files,
+                        "rule": "val_path files" if spec.val_path else
+                        f"sha256(text)[:8]/16**8 < {spec.val_fraction} -> validation"}
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     ds = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=cache_dir,
                                **kwargs)
-    texts = _texts(ds, "text" if builder == "text" else spec.text_field, ",".join(paths))
-    if not spec.val_path:
-        texts = _hash_filter(texts, spec, split)
-    files = []
-    for p in paths:
-        with open(p, "rb") as f:
-            files.append([os.path.abspath(p), hashlib.sha256(f.read()).hexdigest()])
-    manifest = {"source": "files", "split": split, "files": files,
-                "rule": "val_path files" if spec.val_path else
-                f"sha256(text)[:8]/16**8 < {spec.val_fraction} -> validation"}
-    return texts, manifest
+    reading.documents = _texts(ds, "text" if builder == "text" else spec.text_field,
+                               ",".join(paths), None if spec.val_path else _hash_rule(spec, split))
+    return reading
 
 
-def _hf_documents(spec: DataSpec, split: str, cache_dir: str) -> tuple[list[str], dict]:
+def _hf_dataset(spec: DataSpec, split: str, cache_dir: str):
+    """(the datasets.Dataset of `split`, its split name in the dataset)."""
     import datasets  # noqa: PLC0415
 
     name = spec.val_split if (split == "validation" and spec.val_split) else spec.train_split
-    ds = datasets.load_dataset(spec.hf_name, spec.hf_config or None, split=name,
-                               cache_dir=cache_dir)
-    texts = _texts(ds, spec.text_field, f"{spec.hf_name}[{name}]")
-    if not spec.val_split:
-        texts = _hash_filter(texts, spec, split)
+    return datasets.load_dataset(spec.hf_name, spec.hf_config or None, split=name,
+                                 cache_dir=cache_dir), name
+
+
+def _hf_documents(spec: DataSpec, split: str, cache_dir: str) -> _Reading:
+    ds, name = _hf_dataset(spec, split, cache_dir)
+    texts = _texts(ds, spec.text_field, f"{spec.hf_name}[{name}]",
+                   None if spec.val_split else _hash_rule(spec, split))
     manifest = {"source": "hf", "split": split, "name": spec.hf_name, "config": spec.hf_config,
                 "hf_split": name, "fingerprint": getattr(ds, "_fingerprint", None),
                 "rule": f"hf split {name!r}" if spec.val_split or split == "train" else
                 f"sha256(text)[:8]/16**8 < {spec.val_fraction} -> validation"}
-    return texts, manifest
+    return _Reading(texts, manifest)
 
 
-def load_documents(spec: DataSpec, split: str, cache_dir: str) -> tuple[list, dict[str, Any]]:
-    """(documents as bytes or str, manifest) of split 'train' or 'validation'."""
+def _read_documents(spec: DataSpec, split: str, cache_dir: str) -> _Reading:
     if split not in ("train", "validation"):
         raise DataError(f"split={split!r} is not 'train' or 'validation'")
     if spec.source == "stdlib":
-        docs, manifest = _stdlib_documents(spec, split)
-    elif spec.source == "files":
-        docs, manifest = _local_documents(spec, split, cache_dir)
-    else:
-        docs, manifest = _hf_documents(spec, split, cache_dir)
-    if not docs:
-        raise DataError(f"the {split} split of data.source={spec.source!r} is empty "
-                        f"(val_fraction={spec.val_fraction})")
-    manifest["num_documents"] = len(docs)
-    manifest["sha256"] = hashlib.sha256(
-        json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-    return docs, manifest
+        return _stdlib_documents(spec, split)
+    if spec.source == "files":
+        return _local_documents(spec, split, cache_dir)
+    return _hf_documents(spec, split, cache_dir)
+
+
+def load_documents(spec: DataSpec, split: str, cache_dir: str) -> tuple[list, dict[str, Any]]:
+    """(documents as bytes or str, manifest) of split 'train' or 'validation', all in memory (for
+    small uses: calibration; training reads a token store, load_split)."""
+    reading = _read_documents(spec, split, cache_dir)
+    documents = list(reading)
+    return documents, reading.finish(spec, split)
 
 
 # ----------------------------------------------------------------------------- token streams
@@ -297,7 +391,8 @@ def load_documents(spec: DataSpec, split: str, cache_dir: str) -> tuple[list, di
 class TokenStream:
     """A split's documents tokenized and concatenated.
 
-    tokens: [num_tokens] int32; doc_starts: [num_documents] int64 offsets into tokens, ascending,
+    tokens: [num_tokens] integer ids (a token store's read-only uint16/uint32 memory map, or
+    tokenize's in-memory int32); doc_starts: [num_documents] int64 offsets into tokens, ascending,
     doc_starts[0] == 0.
     """
 
@@ -315,6 +410,8 @@ class TokenStream:
 
 
 def tokenize(documents: Sequence[bytes | str], tokenizer: Tokenizer) -> TokenStream:
+    """The documents tokenized in memory (int32): for one text file (evaluate --text_file), a
+    calibration set, and as the plain reference the token stores are tested against."""
     if isinstance(tokenizer, HFTokenizer):
         pieces = []
         for i in range(0, len(documents), 256):  # batches: the Rust encoder runs them in parallel
@@ -327,30 +424,156 @@ def tokenize(documents: Sequence[bytes | str], tokenizer: Tokenizer) -> TokenStr
     return TokenStream(np.concatenate(pieces).astype(np.int32), doc_starts)
 
 
-def load_split(spec: DataSpec, tokenizer: Tokenizer, split: str, cache_dir: str
-               ) -> tuple[TokenStream, dict[str, Any]]:
-    """Tokenized split and its manifest; the tokens are cached under cache_dir as an .npz keyed
-    by the manifest's and the tokenizer's hashes (reading the files again is cheap; tokenizing with
-    a BPE tokenizer is not)."""
-    documents, manifest = load_documents(spec, split, cache_dir)
-    manifest["tokenizer"] = {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint}
-    key = hashlib.sha256(f"{_CACHE_VERSION}/{manifest['sha256']}/{tokenizer.fingerprint}".encode()
-                         ).hexdigest()[:24]
-    path = os.path.join(cache_dir, f"tokens-{split}-{key}.npz")
-    if os.path.isfile(path):
-        with np.load(path) as z:
-            stream = TokenStream(z["tokens"], z["doc_starts"])
+def _encoded_batches(documents: Iterable[bytes | str], tokenizer: Tokenizer
+                     ) -> Iterator[list[np.ndarray]]:
+    """The documents' token ids, a batch of documents at a time (bounded in count and text)."""
+    batch, chars = [], 0
+    for doc in documents:
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) == _PREPARE_BATCH_DOCUMENTS or chars >= _PREPARE_BATCH_CHARS:
+            yield _encode(batch, tokenizer)
+            batch, chars = [], 0
+    if batch:
+        yield _encode(batch, tokenizer)
+
+
+def _encode(documents: list[bytes | str], tokenizer: Tokenizer) -> list[np.ndarray]:
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer.encode_batch(documents)
+    return [tokenizer.encode_document(d) for d in documents]
+
+
+def _selection(spec: DataSpec, split: str) -> dict[str, Any]:
+    """What chooses a split's documents: with the tokenizer's fingerprint, a store's identity."""
+    if spec.source == "stdlib":
+        return {"source": "stdlib", "split": split, "root": stdlib_root(),
+                "val_fraction": spec.val_fraction}
+    common = {"source": spec.source, "split": split, "text_field": spec.text_field,
+              "val_fraction": spec.val_fraction}
+    if spec.source == "files":
+        return {**common, "path": _absolute_globs(spec.path),
+                "val_path": _absolute_globs(spec.val_path)}
+    return {**common, "hf_name": spec.hf_name, "hf_config": spec.hf_config,
+            "train_split": spec.train_split, "val_split": spec.val_split}
+
+
+def store_path(spec: DataSpec, tokenizer: Tokenizer, split: str, cache_dir: str) -> str:
+    """The folder of a split's token store: cache_dir/tokens-<split>-<hash of _selection and the
+    tokenizer's fingerprint>."""
+    key = json.dumps({"format_version": token_store.FORMAT_VERSION,
+                      "selection": _selection(spec, split),
+                      "tokenizer": tokenizer.fingerprint}, sort_keys=True)
+    return os.path.join(os.path.abspath(cache_dir),
+                        f"tokens-{split}-{hashlib.sha256(key.encode()).hexdigest()[:20]}")
+
+
+def prepare_split(spec: DataSpec, tokenizer: Tokenizer, split: str, cache_dir: str) -> str:
+    """Tokenizes a split once into its token store (store_path) and returns the store's path; a
+    complete store is left as it is. All or nothing (token_store.write_store)."""
+    path = store_path(spec, tokenizer, split, cache_dir)
+    if token_store.is_complete(path):
+        return path
+    token_store.token_dtype(tokenizer.vocab_size)  # a vocabulary too large: before reading
+    reading = _read_documents(spec, split, cache_dir)
+
+    def describe() -> dict[str, Any]:
+        return {"selection": _selection(spec, split), "source": reading.finish(spec, split),
+                "file_stats": reading.file_stats,
+                "tokenizer": {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint,
+                              "vocab_size": tokenizer.vocab_size}}
+
+    token_store.write_store(path, _encoded_batches(reading, tokenizer), tokenizer.vocab_size,
+                            describe)
+    return path
+
+
+def _file_changes(stored: dict[str, Any], files: list[tuple[str, str]]) -> list[str]:
+    """What differs between the files a store was prepared from and `files` ([(name, path)]):
+    names new or gone, and files whose size or mtime changed and whose sha256 then differs."""
+    recorded = dict(stored["source"]["files"])
+    stats = stored["file_stats"]
+    changes = [f"{name} is not in the store" for name, _ in files if name not in recorded]
+    changes += [f"{name} is in the store but no longer in the config's files"
+                for name in recorded if name not in dict(files)]
+    for name, path in files:
+        if name in recorded and _file_stat(path) != stats.get(name):
+            if _file_sha256(path) != recorded[name]:
+                changes.append(f"{name} changed since the store was prepared")
+    return changes
+
+
+def _disagreements(spec: DataSpec, tokenizer: Tokenizer, split: str, cache_dir: str,
+                   stored: dict[str, Any]) -> list[str]:
+    """How a store's manifest disagrees with what the config names now ([] = it agrees)."""
+    out = []
+    selection = _selection(spec, split)
+    if stored["selection"] != selection:
+        keys = sorted(k for k in selection.keys() | stored["selection"].keys()
+                      if selection.get(k) != stored["selection"].get(k))
+        out += [f"{k}: store {stored['selection'].get(k)!r}, config {selection.get(k)!r}"
+                for k in keys]
+    if stored["tokenizer"]["fingerprint"] != tokenizer.fingerprint:
+        out.append(f"tokenizer: the store's is {stored['tokenizer']['name']} (fingerprint "
+                   f"{stored['tokenizer']['fingerprint'][:16]}), the config's {tokenizer.name} "
+                   f"(fingerprint {tokenizer.fingerprint[:16]})")
+    if spec.source == "stdlib":
+        changes = _file_changes(stored, _stdlib_split_files(spec, split))
+    elif spec.source == "files":
+        changes = _file_changes(stored, _local_split_files(spec, split))
     else:
-        stream = tokenize(documents, tokenizer)
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp.npz"  # unique per process: hosts may share the cache
-        np.savez(tmp, tokens=stream.tokens, doc_starts=stream.doc_starts)
-        os.replace(tmp, path)
-    manifest["num_tokens"] = int(len(stream.tokens))
-    if int(stream.tokens.max()) >= tokenizer.vocab_size:
-        raise DataError(f"token id {int(stream.tokens.max())} >= tokenizer vocab "
-                        f"{tokenizer.vocab_size}")
-    return stream, manifest
+        ds, _ = _hf_dataset(spec, split, cache_dir)
+        now = getattr(ds, "_fingerprint", None)
+        changes = ([] if now == stored["source"]["fingerprint"] else
+                   [f"dataset {spec.hf_name}: fingerprint {stored['source']['fingerprint']} in "
+                    f"the store, {now} now"])
+    if len(changes) > 5:
+        changes = changes[:5] + [f"and {len(changes) - 5} more files"]
+    return out + changes
+
+
+def open_split(spec: DataSpec, tokenizer: Tokenizer, split: str, cache_dir: str
+               ) -> tuple[TokenStream, dict[str, Any]]:
+    """(TokenStream of memory maps, manifest) of a prepared split; DataError naming what differs
+    when the store's manifest disagrees with the config (_disagreements)."""
+    path = store_path(spec, tokenizer, split, cache_dir)
+    tokens, doc_starts, stored = token_store.open_store(path)
+    differences = _disagreements(spec, tokenizer, split, cache_dir, stored)
+    if differences:
+        raise DataError(f"token store {path} disagrees with the config: "
+                        f"{'; '.join(differences)}; remove the folder to prepare it again")
+    manifest = {**stored["source"],
+                "tokenizer": {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint},
+                "num_tokens": stored["num_tokens"],
+                "store": {"path": path, "format_version": stored["format_version"],
+                          "dtype": stored["dtype"], "tokens_sha256": stored["tokens_sha256"]}}
+    return TokenStream(tokens, doc_starts), manifest
+
+
+def _process_index() -> int:
+    """This process's index among a jax run's processes; 0 where jax is not in use (the prepare
+    command does not import it)."""
+    jax = sys.modules.get("jax")
+    return 0 if jax is None else jax.process_index()
+
+
+def load_split(spec: DataSpec, tokenizer: Tokenizer, split: str, cache_dir: str, *,
+               process_index: int | None = None, wait_s: float = PREPARE_WAIT_S
+               ) -> tuple[TokenStream, dict[str, Any]]:
+    """The split's TokenStream (memory maps of its token store under cache_dir) and manifest
+    (the split's sources and sha256, tokenizer, num_tokens, store).
+
+    A missing store is prepared first (prepare_split) by process 0 (process_index; None = jax's);
+    the other processes wait up to wait_s seconds for it to appear, then open it.
+    """
+    path = store_path(spec, tokenizer, split, cache_dir)
+    if not token_store.is_complete(path):
+        index = _process_index() if process_index is None else process_index
+        if index == 0:
+            prepare_split(spec, tokenizer, split, cache_dir)
+        else:
+            token_store.wait_for_store(path, wait_s, f"process {index}")
+    return open_split(spec, tokenizer, split, cache_dir)
 
 
 # ----------------------------------------------------------------------------- windows and batches
@@ -426,7 +649,82 @@ def eval_window_batches(stream: TokenStream, seq_len: int, batch_size: int,
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
-    """Entropy (nats per token) of the tokens' empirical frequency distribution."""
-    counts = np.bincount(np.asarray(tokens).ravel())
+    """Entropy (nats per token) of the tokens' empirical frequency distribution. tokens: any
+    shape of non-negative ids, in memory or a memory map: counted 2**20 at a time, so the int64
+    copies np.bincount makes stay 8 MB whatever the length."""
+    flat = np.asarray(tokens).reshape(-1)
+    counts = np.zeros(0, np.int64)
+    for start in range(0, len(flat), 2**20):
+        chunk = np.bincount(flat[start:start + 2**20])
+        if len(chunk) > len(counts):
+            counts = np.pad(counts, (0, len(chunk) - len(counts)))
+        counts[:len(chunk)] += chunk
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+# ----------------------------------------------------------------------------- the prepare command
+
+
+def _tokenizer_of(config) -> str:
+    """The tokenizer a new training run of `config` uses (train._new_run's rule): data.tokenizer,
+    or for 'auto' the init checkpoint's own, or bytes when training from scratch."""
+    if config.data.tokenizer != "auto":
+        return config.data.tokenizer
+    if not config.init_checkpoint:
+        return "byte"
+    from gqa_uptrain import loading  # noqa: PLC0415 (jax; only for 'auto')
+
+    return loading.inspect(config.init_checkpoint, "config.init_checkpoint").require_tokenizer(
+        "--config.data.tokenizer=PATH/tokenizer.json")
+
+
+def prepare(config, workdir: str = "") -> Iterator[str]:
+    """Prepares the train and validation stores of a training config (the stores its training
+    run would open: in config.data.cache_dir, or WORKDIR/data_cache when that is ''); yields one
+    line per split."""
+    d = config.data.to_dict()
+    if not (d["cache_dir"] or workdir):
+        raise DataError("data.cache_dir is '' (= the run's WORKDIR/data_cache): pass --workdir=DIR "
+                        "(the run's) or --config.data.cache_dir=DIR")
+    d["cache_dir"] = os.path.abspath(d["cache_dir"] or os.path.join(workdir, "data_cache"))
+    spec = DataSpec.from_dict(d)
+    tokenizer = load_tokenizer(_tokenizer_of(config))
+    for split in ("train", "validation"):
+        start = time.perf_counter()
+        existed = token_store.is_complete(store_path(spec, tokenizer, split, spec.cache_dir))
+        _, manifest = load_split(spec, tokenizer, split, spec.cache_dir, process_index=0)
+        how = ("already prepared" if existed else
+               f"prepared in {time.perf_counter() - start:.1f} s")
+        yield (f"{split}: {manifest['num_tokens']:,} tokens ({manifest['store']['dtype']}), "
+               f"{manifest['num_documents']:,} documents: {manifest['store']['path']} ({how})")
+
+
+def main(argv):
+    from absl import flags  # noqa: PLC0415
+
+    from gqa_uptrain import cli  # noqa: PLC0415
+
+    if argv[1:] != ["prepare"]:
+        cli.fail(f"expected the command `prepare`, got {' '.join(argv[1:]) or 'none'!r} "
+                 "(python -m gqa_uptrain.data prepare --config=...)", cli.USAGE_EXIT)
+    try:
+        for line in prepare(flags.FLAGS.config, flags.FLAGS.workdir or ""):
+            print(line, flush=True)
+    except (ValueError, OSError) as e:  # DataError is a ValueError
+        cli.fail(e)
+
+
+if __name__ == "__main__":
+    from absl import flags
+    from ml_collections import config_flags
+
+    from gqa_uptrain import cli
+
+    config_flags.DEFINE_config_file(
+        "config", None, "the training config whose data to prepare, e.g. "
+        "configs/pretrain.py:smoke; override any key with --config.KEY=VALUE", lock_config=True)
+    flags.DEFINE_string("workdir", None, "the training run's directory: with data.cache_dir '' "
+                        "the stores go to WORKDIR/data_cache, where that run looks for them")
+    flags.mark_flags_as_required(["config"])
+    cli.run(main, description=__doc__.split("\n\n")[0], config_flag="config")

@@ -48,17 +48,25 @@ def test_stdlib_split_is_deterministic_disjoint_and_recorded(tmp_path):
     assert all(isinstance(d, bytes) for d in docs["train"])
 
 
-def test_byte_tokenizer_and_token_cache(tmp_path):
+def test_byte_tokenizer_and_token_store(tmp_path):
     tok = data.ByteTokenizer()
     assert list(tok.encode_document("é")) == [data.BYTE_BOS_ID, 0xC3, 0xA9]
     spec = _spec()
     stream, manifest = data.load_split(spec, tok, "validation", str(tmp_path))
-    cached = [f for f in os.listdir(tmp_path) if f.startswith("tokens-validation")]
-    assert len(cached) == 1
-    again, _ = data.load_split(spec, tok, "validation", str(tmp_path))  # read from the cache
+    stores = [f for f in os.listdir(tmp_path) if f.startswith("tokens-validation-")]
+    assert len(stores) == 1 and manifest["store"]["path"] == str(tmp_path / stores[0])
+    with open(tmp_path / stores[0] / "manifest.json") as f:
+        on_disk = json.load(f)
+    assert on_disk["tokenizer"]["fingerprint"] == tok.fingerprint == manifest["tokenizer"][
+        "fingerprint"]
+    assert on_disk["source"]["sha256"] == manifest["sha256"]
+    assert on_disk["num_tokens"] == manifest["num_tokens"] == len(stream.tokens)
+    assert on_disk["dtype"] == "uint16" and on_disk["format_version"] == 1
+    mtime = os.path.getmtime(tmp_path / stores[0] / "tokens.bin")
+    again, _ = data.load_split(spec, tok, "validation", str(tmp_path))  # opened, not re-written
+    assert os.path.getmtime(tmp_path / stores[0] / "tokens.bin") == mtime
     assert np.array_equal(again.tokens, stream.tokens)
     assert np.array_equal(again.doc_starts, stream.doc_starts)
-    assert manifest["num_tokens"] == len(stream.tokens)
     assert all(stream.tokens[stream.doc_starts] == data.BYTE_BOS_ID)
     assert (stream.tokens == data.BYTE_BOS_ID).sum() == manifest["num_documents"]
 
@@ -174,6 +182,10 @@ def test_hf_tokenizer_json_with_its_bos_rule(tmp_path):
 
 def test_unigram_entropy():
     assert data.unigram_entropy(np.arange(8)) == pytest.approx(math.log(8))
+    # Counted in chunks of 2**20: a stream longer than one chunk, ids unequal across chunks.
+    long = np.concatenate([np.zeros(2**20, np.uint16), np.full(2**20 + 5, 3, np.uint16)])
+    q = np.array([2**20, 2**20 + 5]) / len(long)
+    assert data.unigram_entropy(long) == pytest.approx(-(q * np.log(q)).sum(), rel=1e-12)
     assert data.unigram_entropy(np.array([5, 5, 5])) == pytest.approx(0.0)
     p = np.array([0.5, 0.25, 0.25])
     assert data.unigram_entropy(np.array([1, 1, 2, 3])) == pytest.approx(-(p * np.log(p)).sum())
@@ -204,3 +216,6 @@ def test_hf_source_through_datasets_with_a_local_dataset_folder(tmp_path):
     assert np.array_equal(train.tokens, data.tokenize(texts[:2], tok).tokens)
     assert np.array_equal(val.tokens, data.tokenize(texts[2:], tok).tokens)
     assert manifest["name"] == str(folder) and manifest["fingerprint"]
+    # Opening the store again checks the dataset's fingerprint, which is stable.
+    again, _ = data.load_split(spec, tok, "train", str(tmp_path / "cache"))
+    assert np.array_equal(again.tokens, train.tokens)

@@ -1,0 +1,132 @@
+r"""Does a training run's memory grow with its corpus? Anonymous resident memory (RssAnon: the
+token store's memory-mapped pages are file-backed and do not count) of the same training run on
+local-file corpora of ~10M and ~100M tokens.
+
+    python experiments/data_memory.py                   # ~1-2 minutes on 2 CPU cores, ~0.5 GB of disk
+    python experiments/data_memory.py --tokens=1e6,1e7 --steps=10
+
+For each size: a jsonl corpus of printable ASCII documents of 4,095 characters (4,096 byte-level
+tokens with the BOS) is written, plus one fixed validation file (the same for every size, so only
+the training corpus grows); `python -m gqa_uptrain.data prepare` tokenizes it into the token
+store; then `python -m gqa_uptrain.train --config=configs/pretrain.py:smoke` on it runs --steps
+steps (no checkpoints). Each command's RssAnon is sampled from /proc/PID/status every 10 ms and
+its peak printed; the last line is the ratio of the training peaks, largest corpus over smallest.
+Linux only (/proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC_CHARS = 4095  # + BOS = 4,096 byte-level tokens a document
+# Printable ASCII without '"' and '\\', so a document is its own JSON string.
+_ALPHABET = np.frombuffer(bytes(c for c in range(32, 127) if c not in b'"\\'), np.uint8)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", default="1e7,1e8",
+                        help="comma-separated training corpus sizes in tokens (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="training steps of each run (default %(default)s)")
+    parser.add_argument("--output_dir", default="/tmp/gqa_data_memory",
+                        help="corpora, stores and workdirs (replaced; default %(default)s)")
+    parser.add_argument("--keep", action="store_true", help="keep --output_dir afterwards")
+    return parser
+
+
+def write_corpus(path: str, num_tokens: int, seed: int) -> int:
+    """A jsonl file of num_tokens // 4096 random documents; returns its number of tokens."""
+    rng = np.random.default_rng(seed)
+    num_docs = max(1, num_tokens // (DOC_CHARS + 1))
+    with open(path, "wb") as f:
+        for start in range(0, num_docs, 1024):  # 4 MB of text at a time
+            rows = _ALPHABET[rng.integers(0, len(_ALPHABET), (min(1024, num_docs - start),
+                                                               DOC_CHARS))]
+            f.write(b"".join(b'{"text": "' + row.tobytes() + b'"}\n' for row in rows))
+    return num_docs * (DOC_CHARS + 1)
+
+
+def rss_anon_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+    except (OSError, StopIteration):
+        return None  # exited
+
+
+def run_sampled(cmd: list[str], env: dict[str, str]) -> tuple[int, float, str]:
+    """(peak RssAnon in bytes, wall seconds, stdout) of a command; raises if it fails."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:  # the training command re-executes itself: the pid is the same
+        peak = max(peak, rss_anon_bytes(proc.pid) or 0)
+        time.sleep(0.01)
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{err[-3000:]}")
+    return peak, time.perf_counter() - start, out
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if not os.path.exists("/proc/self/status"):
+        raise SystemExit("needs Linux /proc (RssAnon)")
+    sizes = [int(float(s)) for s in args.tokens.split(",")]
+    out = os.path.abspath(args.output_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               HF_HOME=os.path.join(out, "hf_home"))
+    val_path = os.path.join(out, "validation.jsonl")
+    write_corpus(val_path, 200_000, seed=1)
+    rows = []
+    try:
+        for size in sizes:
+            folder = os.path.join(out, f"tokens_{size}")
+            os.makedirs(folder)
+            train_path = os.path.join(folder, "train.jsonl")
+            num_tokens = write_corpus(train_path, size, seed=0)
+            config = [f"--config={os.path.join(REPO, 'configs', 'pretrain.py')}:smoke",
+                      "--config.data.source=files", f"--config.data.path={train_path}",
+                      f"--config.data.val_path={val_path}",
+                      f"--config.data.cache_dir={os.path.join(folder, 'cache')}"]
+            prep_peak, prep_s, prep_out = run_sampled(
+                [sys.executable, "-m", "gqa_uptrain.data", "prepare", *config], env)
+            train_peak, train_s, _ = run_sampled(
+                [sys.executable, "-m", "gqa_uptrain.train", *config,
+                 f"--workdir={os.path.join(folder, 'workdir')}", f"--config.num_steps={args.steps}",
+                 "--config.checkpoint_every=0", "--config.progress_bar=False"], env)
+            store_mb = sum(os.path.getsize(os.path.join(d, f))
+                           for d, _, files in os.walk(os.path.join(folder, "cache"))
+                           for f in files if f.endswith(".bin")) / 2**20
+            rows.append((num_tokens, store_mb, prep_s, prep_peak, train_s, train_peak))
+            print(prep_out.strip().splitlines()[0], flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
+    print(f"\ntraining: configs/pretrain.py:smoke, {args.steps} steps; RssAnon peaks sampled every "
+          "10 ms")
+    print("| train tokens | store (.bin) MB | prepare s | prepare RssAnon MB | train s | "
+          "train RssAnon MB |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for num_tokens, store_mb, prep_s, prep_peak, train_s, train_peak in rows:
+        print(f"| {num_tokens:,} | {store_mb:,.1f} | {prep_s:.1f} | {prep_peak / 2**20:,.1f} | "
+              f"{train_s:.1f} | {train_peak / 2**20:,.1f} |")
+    first, last = rows[0], rows[-1]
+    print(f"train RssAnon peak, {last[0]:,} over {first[0]:,} tokens: {last[5] / first[5]:.3f} "
+          f"(prepare: {last[3] / first[3]:.3f})")
+
+
+if __name__ == "__main__":
+    main()
