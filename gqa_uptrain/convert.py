@@ -21,8 +21,8 @@ It prints layers converted, KV heads, KV projection parameters and KV-cache byte
 before -> after. Bad input prints one line `error: ...` on stderr, exits 1 (2 for bad flags), and
 leaves nothing behind: every output is written beside its destination and renamed when complete.
 
-Methods (--method, merging.METHODS): mean, first, random (pooling.py) pool contiguous groups one
-tensor at a time. `[GROUPING+]MERGE` methods start closer to MHA (merging.py): GROUPING 'similar'
+Methods (--method, merging.METHODS): mean, first, random, mean_normed (pooling.py) pool
+contiguous groups one tensor at a time. `[GROUPING+]MERGE` methods start closer to MHA (merging.py): GROUPING 'similar'
 (by K/V activations) or 'similar_weights' (by K/V weights) picks which heads share a KV head and
 permutes the heads so that groups are contiguous; MERGE 'fit' merges each group so that attention
 logits and outputs change least on calibration data, 'fit_o' also re-fits the output projections.
@@ -396,8 +396,9 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(prog="python -m gqa_uptrain.convert",
                 description="Convert an MHA/GQA model to fewer KV heads by pooling K/V heads.",
-                epilog="Methods are [GROUPING+]MERGE. MERGE: mean (the paper's), first, random "
-                       "(pool contiguous groups, streaming one tensor at a time), fit (merge "
+                epilog="Methods are [GROUPING+]MERGE. MERGE: mean (the paper's), first, random, "
+                       "mean_normed (the mean at its members' average norm) (pool contiguous "
+                       "groups, streaming one tensor at a time), fit (merge "
                        "each group's K/V so that every member head's attention logits and outputs "
                        "change least on calibration data), or fit_o (fit, then re-fit each query "
                        "head's output projection to the merged values by least squares on "

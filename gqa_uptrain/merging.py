@@ -15,7 +15,8 @@ Method strings (METHODS), `[GROUPING+]MERGE`:
                              contiguous.
             similar_weights  the same with the K/V projection weights (and biases) in place of the
                              activations: needs no calibration data.
-  MERGE     mean, first, random   pooling.py's methods, applied to the (permuted) groups.
+  MERGE     mean, first, random, mean_normed   pooling.py's methods, applied to the (permuted)
+                                          groups.
             fit              function-aware merge (below); needs calibration data.
             fit_o            'fit', then each query head's output projection re-fitted to the
                              merged values (below); changes o_proj too.
