@@ -58,11 +58,6 @@ def get_config(arg=None):
         tie_embeddings=False,
         qkv_bias=False,
         o_bias=False,
-        param_dtype="float32",
-        # bf16 is slower than fp32 on this CPU: on this project's 2-core AMD EPYC (AVX2, no
-        # AVX-512) 2048^3-4096^3 matmuls measured 35-65 GFLOP/s in bf16, 110-127 in fp32, in one
-        # run; use bf16 on GPU/TPU
-        dtype="float32",
         **SIZES[args["size"]],
     ))
 
@@ -72,8 +67,7 @@ def get_config(arg=None):
     c.alpha = 0.0  # only read when num_steps == -1 (uptraining: alpha x the source's steps)
     c.batch_size = 16  # sequences per step (all devices together): 16 x 256 = 4k tokens
     c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide)
-    c.remat = False  # recompute activations in the backward pass (memory for compute)
-    c.attention_implementation = "auto"
+    c.update(config_blocks.compute_keys())  # precision, scanned layers, remat, loss
 
     # AdamW, cosine to 0.1 x the peak (config_blocks.optimizer_block).
     c.optimizer = config_blocks.optimizer_block(
@@ -85,7 +79,6 @@ def get_config(arg=None):
     c.update(config_blocks.output_keys(log_every=10, eval_every=100, checkpoint_every=100))
 
     if args["size"] == "base":  # an accelerator run: ~85M params, 64 x 1024 tokens a step
-        c.model.dtype = "bfloat16"
         c.data.seq_len = 1024
         c.batch_size = 64
         c.num_steps = 20000

@@ -12,7 +12,8 @@ to num_kv_heads groups, then continue pretraining for alpha x the source run's s
         --config.init_checkpoint=/path/to/llama --config.num_steps=500 --workdir=workdirs/up_hf
 
 Argument (after the colon): `num_kv_heads=G` (-1, the default, keeps the source's heads: the
-"MHA uptrained for the same alpha" control), `method=mean|first|random` (pooling.METHODS), `smoke`.
+"MHA uptrained for the same alpha" control), `method=mean|first|random|mean_normed`
+(pooling.METHODS), `smoke`.
 
 init_checkpoint is a checkpoint or a workdir (its latest checkpoint) of this project, or a Hugging
 Face folder (config.json + safetensors; its tokenizer.json becomes the tokenizer, data.tokenizer =
@@ -50,8 +51,7 @@ def get_config(arg=None):
     c.alpha = 0.05
     c.batch_size = 16  # as pretraining, so alpha x steps is alpha x tokens
     c.grad_accum_steps = 1
-    c.remat = False
-    c.attention_implementation = "auto"
+    c.update(config_blocks.compute_keys())  # precision, scanned layers, remat, loss
 
     # The recipe. A fresh optimizer: the source's Adam moments belong to the unpooled K/V heads
     # (different shapes and statistics) and a Hugging Face source has none.

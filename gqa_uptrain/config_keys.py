@@ -18,7 +18,8 @@ DESCRIPTIONS: dict[str, str] = {
                        "workdir (its latest checkpoint) or a Hugging Face folder to start from",
     "num_kv_heads": "G, KV heads of the trained model: -1 = MHA from scratch (num_heads), the "
                     "init checkpoint's own otherwise; fewer pools the init checkpoint's K/V heads",
-    "convert_method": "how K/V heads are pooled when num_kv_heads pools: mean | first | random",
+    "convert_method": "how K/V heads are pooled when num_kv_heads pools: mean | first | random | "
+                      "mean_normed",
     "convert_seed": "seed of convert_method='random'",
     "model": "the architecture for training from scratch; None = it comes from init_checkpoint",
     "model.vocab_size": "token ids the model embeds (257 for the byte tokenizer: bytes + BOS)",
@@ -32,9 +33,6 @@ DESCRIPTIONS: dict[str, str] = {
     "model.tie_embeddings": "share the input embedding with the output projection",
     "model.qkv_bias": "biases on the q/k/v projections",
     "model.o_bias": "bias on the attention output projection",
-    "model.param_dtype": "dtype of the stored parameters (and of the optimizer state)",
-    "model.dtype": "compute dtype of matmuls and activations (float32 on CPU, bfloat16 on "
-                   "accelerators)",
     # --- data (data.py)
     "data.source": "'stdlib' (the Python standard library's source, no download) | 'files' "
                    "(data.path globs) | 'hf' (a Hugging Face dataset name)",
@@ -48,18 +46,30 @@ DESCRIPTIONS: dict[str, str] = {
     "data.val_fraction": "share of documents (stdlib: files) held out for validation, by hash",
     "data.tokenizer": "'byte', a tokenizer.json path, or 'auto' (the init checkpoint's own)",
     "data.seq_len": "predicted tokens per training and validation window",
-    "data.cache_dir": "where tokenized splits are cached ('' = WORKDIR/data_cache)",
+    "data.cache_dir": "where the splits' token stores are prepared and read ('' = "
+                      "WORKDIR/data_cache; `python -m gqa_uptrain.data prepare` fills it ahead)",
     # --- length and batch
     "num_steps": "optimizer steps of the run; -1 = alpha x the init checkpoint's training steps",
     "alpha": "uptraining share of the source run's steps, read when num_steps == -1",
     "batch_size": "sequences per optimizer step, all devices together",
     "grad_accum_steps": "micro-batches per step (must divide batch_size)",
-    "remat": "recompute activations in the backward pass (less memory, more compute)",
+    # --- how a step computes (config_blocks.compute_keys)
+    "param_dtype": "master weights' dtype, for every init source (float32 | bfloat16; the "
+                   "optimizer state is float32 either way; precision.py)",
+    "compute_dtype": "dtype of matmuls and activations: auto (bfloat16 on accelerators, float32 "
+                     "on CPU) | float32 | bfloat16; float16 is refused (no loss scaling)",
+    "scan_layers": "run the layers as one jax.lax.scan over stacked params (compile time does "
+                   "not grow with depth; checkpoints stay per layer)",
+    "remat": "what the backward pass recomputes: none | full (each block) | dots (all but the "
+             "matmuls without batch dims)",
+    "loss_chunk_size": "positions per chunk of the cross-entropy, so full [batch, seq, vocab] "
+                       "logits never exist (0 = no chunking)",
     "attention_implementation": "auto | reference | xla | einsum_vjp | pallas (attention.py)",
     # --- optimizer (optim.py)
     "optimizer.learning_rate": "peak learning rate",
     "optimizer.schedule": "cosine | constant | wsd (warmup-stable-decay)",
-    "optimizer.warmup_steps": "linear warmup from 0 to the peak (capped at num_steps)",
+    "optimizer.warmup_steps": "linear warmup W: lr = peak (s + 1) / W at step s < W, so step 0 "
+                              "moves the weights (capped at num_steps)",
     "optimizer.decay_fraction": "wsd only: share of num_steps spent in the final decay",
     "optimizer.min_lr_ratio": "final learning rate as a fraction of the peak (cosine, wsd)",
     "optimizer.b1": "AdamW first-moment decay",

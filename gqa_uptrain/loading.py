@@ -10,8 +10,9 @@ which never holds more than one tensor: hf_stream.convert_hf_folder) and experim
 latest checkpoint), a Hugging Face folder, or a llama GGUF file (gguf_io.py: dequantized to float32).
 
 Keyword arguments are where later needs plug in without touching the callers: `shardings` places
-the params (a checkpoint restores straight into them); a target dtype for master weights and new
-formats (one entry in formats.FORMATS plus one reader below) come next.
+the params (a checkpoint restores straight into them); `param_dtype` casts them to a run's master
+weight dtype (precision.py: the trainer's policy, for every format alike); new formats are one entry
+in formats.FORMATS plus one reader below.
 """
 
 from __future__ import annotations
@@ -111,16 +112,29 @@ def inspect(path: str, what: str = "input") -> Source:
                   meta=meta)
 
 
-def load(path: str | Source, *, what: str = "input", shardings: dict[str, Any] | None = None
-         ) -> tuple[dict[str, Any], Any, Source]:
+def load(path: str | Source, *, what: str = "input", shardings: dict[str, Any] | None = None,
+         param_dtype: str | None = None) -> tuple[dict[str, Any], Any, Source]:
     """(params, ModelConfig, Source) of the model at `path` (or of an inspect() result, which a
     caller that checked the facts first passes so that they are not read twice).
 
     params: the flat {name: array} dict of model.py; numpy arrays for a Hugging Face folder or a
-    GGUF file (float32, dequantized), jax arrays for a checkpoint (on the default device unless `shardings`, {name: Sharding}, says
-    where: a checkpoint is restored straight into them, HF arrays are put there).
+    GGUF file (float32, dequantized), jax arrays for a checkpoint (on the default device unless
+    `shardings`, {name: Sharding}, says where: a checkpoint is restored straight into them, HF
+    arrays are put there). param_dtype: cast every array to it (and say so in the returned
+    ModelConfig's param_dtype); None keeps the stored dtypes.
     """
     source = path if isinstance(path, Source) else inspect(path, what)
+    params, config, source = _load(source, shardings)
+    if param_dtype is not None:
+        import jax.numpy as jnp  # noqa: PLC0415 (jax; its dtype names cover bfloat16 for numpy)
+
+        dtype = jnp.dtype(param_dtype)
+        params = {k: v.astype(dtype) for k, v in params.items()}
+        config = config.replace(param_dtype=param_dtype)
+    return params, config, source
+
+
+def _load(source: Source, shardings) -> tuple[dict[str, Any], Any, Source]:
     if source.format == "hf":
         params, _ = hf.load_hf_model(source.path)
     elif source.format == "gguf":

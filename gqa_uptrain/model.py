@@ -29,6 +29,13 @@ from gqa_uptrain.cpu import dense as cpu_dense
 from gqa_uptrain.cpu import xla_options
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# Rematerialisation policies of the blocks' backward pass (Transformer.__call__'s remat):
+#   none  store every activation the backward pass needs (fastest, most memory);
+#   full  store only each block's input and recompute the block (least memory, ~1/3 more compute);
+#   dots  store the results of matmuls without batch dimensions (the projections and the MLP) and
+#         recompute the rest (norms, rope, attention scores): most of full's saving at a fraction
+#         of its recompute; MaxText's and levanter's usual choice for large models.
+REMAT_POLICIES = ("none", "full", "dots")
 # Rope scalings the model implements; anything else is refused by name (see hf.py).
 ROPE_SCALING_TYPES = ("linear", "llama3")
 
@@ -278,15 +285,48 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs)
 
 
-class Transformer(nnx.Module):
-    """Decoder-only causal LM. Construct with `Transformer(config, rngs=nnx.Rngs(seed))`."""
+def remat_policy(remat: bool | str) -> str:
+    """A REMAT_POLICIES name from a name or a bool (True = 'full', False = 'none')."""
+    if isinstance(remat, bool):
+        return "full" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r} is not one of {REMAT_POLICIES}")
+    return remat
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+
+def _remat(fn, remat: bool | str):
+    policy = remat_policy(remat)
+    if policy == "none":
+        return fn
+    saveable = (jax.checkpoint_policies.nothing_saveable if policy == "full" else
+                jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return jax.checkpoint(fn, policy=saveable)
+
+
+def _stack_blocks(blocks: list[Block]) -> Block:
+    """One Block whose every Param has a leading [num_layers] axis (layer_stack's layout)."""
+    graphdef = nnx.split(blocks[0])[0]
+    states = [nnx.split(b)[1] for b in blocks]
+    return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+
+
+class Transformer(nnx.Module):
+    """Decoder-only causal LM. Construct with `Transformer(config, rngs=nnx.Rngs(seed))`.
+
+    scan_layers=True holds the blocks as one Block with stacked params ('layers.attn.k_proj'
+    [num_layers, ...], layer_stack.py) and runs them as one jax.lax.scan, so the compiled step does
+    not grow with depth; its initial values equal the per-layer model's for the same seed. Decoding
+    (per-layer KV cache) needs the per-layer layout.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, scan_layers: bool = False):
         c = config
         dt = jnp.dtype(c.param_dtype)
         self.config = c
+        self.scan_layers = scan_layers
         self.embed = nnx.Param(jax.random.normal(rngs.params(), (c.vocab_size, c.d_model), dt))
-        self.layers = nnx.List([Block(c, rngs) for _ in range(c.num_layers)])
+        blocks = [Block(c, rngs) for _ in range(c.num_layers)]
+        self.layers = _stack_blocks(blocks) if scan_layers else nnx.List(blocks)
         self.final_norm = RMSNorm(c.d_model, c.norm_eps, dt)
         if not c.tie_embeddings:
             self.lm_head = _init(rngs, (c.d_model, c.vocab_size), c.d_model, dt)
@@ -294,39 +334,56 @@ class Transformer(nnx.Module):
     def _embed(self, tokens):
         return self.embed[...][tokens].astype(jnp.dtype(self.config.dtype))
 
+    def head(self) -> jax.Array:
+        """The output projection [d_model, vocab] in its param dtype (the embedding's transpose
+        when tied)."""
+        return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
+
     def _logits(self, x):
         x = self.final_norm(x)
-        if self.config.tie_embeddings:
-            head = self.embed[...].T
-        else:
-            head = self.lm_head[...]
-        return jnp.einsum("btd,dv->btv", x, head.astype(x.dtype),
+        return jnp.einsum("btd,dv->btv", x, self.head().astype(x.dtype),
                           preferred_element_type=jnp.float32)
 
-    def __call__(self, tokens, *, segment_ids=None, positions=None, implementation="auto",
-                 remat: bool = False):
-        """Training/scoring forward. tokens: [batch, seq] ints -> logits [batch, seq, vocab] float32.
-
-        segment_ids [batch, seq] keep packed documents apart; positions [batch, seq] default to
-        0..seq-1 (pass per-segment positions for packed data). remat=True recomputes each block's
-        activations in the backward pass instead of storing them (less memory, ~1/3 more compute);
-        the forward values are unchanged.
-        """
+    def hidden(self, tokens, *, segment_ids=None, positions=None, implementation="auto",
+               remat: bool | str = "none") -> jax.Array:
+        """The final-normed residual stream [batch, seq, d_model] in the compute dtype: what the
+        logits are `hidden @ head()` of (losses.py computes them in chunks from it)."""
         batch, seq = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         inv_freq = rope_inv_freq(self.config)
 
-        def block_fn(block, x, positions, segment_ids):
-            x = x + block.attn(block.attn_norm(x), positions, inv_freq, segment_ids, implementation)
+        def block_fn(graphdef, state, x):
+            block = nnx.merge(graphdef, state)
+            x = x + block.attn(block.attn_norm(x), positions, inv_freq, segment_ids,
+                               implementation)
             return x + block.mlp(block.mlp_norm(x))
 
-        if remat:
-            block_fn = nnx.remat(block_fn)
+        # A pure function of (state, x) under jax.checkpoint: the Block is rebuilt inside it.
         x = self._embed(tokens)
-        for block in self.layers:
-            x = block_fn(block, x, positions, segment_ids)
-        return self._logits(x)
+        if self.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+            step = _remat(lambda s, x: block_fn(graphdef, s, x), remat)
+            x, _ = jax.lax.scan(lambda x, s: (step(s, x), None), x, state)
+        else:
+            for block in self.layers:
+                graphdef, state = nnx.split(block)
+                x = _remat(lambda s, x, g=graphdef: block_fn(g, s, x), remat)(state, x)
+        return self.final_norm(x)
+
+    def __call__(self, tokens, *, segment_ids=None, positions=None, implementation="auto",
+                 remat: bool | str = "none"):
+        """Training/scoring forward. tokens: [batch, seq] ints -> logits [batch, seq, vocab] float32.
+
+        segment_ids [batch, seq] keep packed documents apart; positions [batch, seq] default to
+        0..seq-1 (pass per-segment positions for packed data). remat (REMAT_POLICIES, or a bool)
+        chooses what each block's backward pass recomputes instead of storing; the forward values
+        are unchanged.
+        """
+        x = self.hidden(tokens, segment_ids=segment_ids, positions=positions,
+                        implementation=implementation, remat=remat)
+        return jnp.einsum("btd,dv->btv", x, self.head().astype(x.dtype),
+                          preferred_element_type=jnp.float32)
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
         """Empty cache for `batch` sequences of up to `max_len` tokens (dtype defaults to compute)."""
@@ -344,6 +401,8 @@ class Transformer(nnx.Module):
         overwritten by the next step. Returns (logits [batch, t, vocab] float32, new cache).
         The caller must keep lengths + t <= max_len (dynamic_update_slice would clamp).
         """
+        if self.scan_layers:
+            raise ValueError("decoding needs the per-layer layout (Transformer(scan_layers=False))")
         batch, seq = tokens.shape
         positions = cache.lengths[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
         inv_freq = rope_inv_freq(self.config)

@@ -42,9 +42,7 @@ def measure_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
     buf = jnp.ones((num_bytes // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
     jax.block_until_ready(total(buf))
-    seconds = _median_seconds(lambda: total(buf), repeats)
-    del buf
-    return num_bytes / seconds
+    return num_bytes / _median_seconds(lambda: total(buf), repeats)
 
 
 def measure_peak_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:

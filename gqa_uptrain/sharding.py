@@ -18,6 +18,9 @@ Rules (first match wins; a name matching none is replicated):
   *.gate/up_proj   [d_model, mlp_dim]                (fsdp, tensor)
   *.down_proj      [mlp_dim, d_model]                (tensor, fsdp)
   norms' scale, o_bias                               replicated
+Stacked layers (layer_stack.py: 'layers.attn.k_proj' [num_layers, ...], the trainer's layout with
+scan_layers) follow the same rule for their per-layer dimensions; the layer axis is replicated (each
+device holds its shard of every layer, as ZeRO-3 over layers does).
 A dimension is split over an axis only when the axis size divides it; otherwise that dimension is
 replicated over the axis. In particular, when num_kv_heads is smaller than the tensor axis (or does
 not divide by it), k_proj/v_proj (and their biases) are replicated over `tensor`: every tensor shard
@@ -35,6 +38,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from gqa_uptrain import layer_stack
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -79,6 +84,12 @@ def make_mesh(data: int, fsdp: int, tensor: int, devices=None) -> Mesh:
 
 def partition_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     """The PartitionSpec of param `name` with `shape` (see the module docstring for the rules)."""
+    if layer_stack.is_stacked_name(name):
+        return P(None, *_rule_spec(name, tuple(shape[1:]), mesh))
+    return _rule_spec(name, shape, mesh)
+
+
+def _rule_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     for pattern, axes in _RULES:
         if re.search(pattern, name):
             if len(axes) != len(shape):

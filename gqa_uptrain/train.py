@@ -45,64 +45,21 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
-from gqa_uptrain import (checkpoints, config_keys, data, evaluate, loading, losses, optim,
+from gqa_uptrain import (checkpoints, config_keys, data, evaluate, loading, losses, precision,
                          sharding)
+from gqa_uptrain import train_step as train_step_lib
 from gqa_uptrain.metrics_log import MetricsLog
-from gqa_uptrain.model import ModelConfig, Transformer, abstract_params, get_params
+from gqa_uptrain.model import ModelConfig
 from gqa_uptrain.run_config import (CONFIG_FILE, RUN_FILE, TrainError,
                                     check_resume_config, config_dict, is_main, log,
                                     make_schedule, num_steps_of, sync, write_json_atomic)
 from gqa_uptrain.stop_signals import SIGINT_EXIT, StopSignals
 
 MANIFEST_FILE = "data_manifest.json"
-
-
-# ----------------------------------------------------------------------------- steps
-
-
-def make_train_step(model_config: ModelConfig, tx, *, implementation: str, remat: bool):
-    """(params, opt_state, batch) -> (params, opt_state, metrics); not jitted.
-
-    batch: data.BATCH_KEYS, each [grad_accum_steps, micro_batch, seq_len]. The gradient is the
-    mean over all predicted tokens of the global batch: per-micro-batch sums are accumulated in a
-    scan and divided once by the total token count.
-    """
-    apply = losses.make_apply(model_config)
-
-    def loss_sum(params, micro):
-        return losses.nll_sum(apply, params, micro, implementation=implementation,
-                              remat=remat)[0]
-
-    grad_fn = jax.value_and_grad(loss_sum)
-
-    def train_step(params, opt_state, batch):
-        count = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
-
-        def micro_step(carry, micro):
-            loss_acc, grad_acc = carry
-            loss, grads = grad_fn(params, micro)
-            return (loss_acc + loss, jax.tree.map(jnp.add, grad_acc, grads)), None
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (loss, grads), _ = jax.lax.scan(micro_step, (jnp.zeros((), jnp.float32), zeros), batch)
-        grads = jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
-        # param_norm is also the check that the update left every parameter finite.
-        return params, opt_state, {"loss": loss / count, "grad_norm": _global_norm(grads),
-                                   "param_norm": _global_norm(params)}
-
-    return train_step
-
-
-def _global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 # ----------------------------------------------------------------------------- run set-up
@@ -125,7 +82,9 @@ def _load_init_checkpoint(config) -> tuple[dict[str, Any], ModelConfig, dict[str
     tokenizer = None
     if config.data.tokenizer == "auto":
         tokenizer = source.require_tokenizer("--config.data.tokenizer=PATH/tokenizer.json")
-    params, model_config, source = loading.load(source)
+    # Cast to the run's master-weight dtype before pooling (precision.py): the mean of fp16
+    # heads is taken in float32.
+    params, model_config, source = loading.load(source, param_dtype=config.param_dtype)
     params = {k: np.asarray(v) for k, v in params.items()}
     init = ({"hf_folder": source.path} if source.format == "hf" else
             {"gguf_file": source.path} if source.format == "gguf" else
@@ -141,14 +100,26 @@ def _load_init_checkpoint(config) -> tuple[dict[str, Any], ModelConfig, dict[str
 
 def scratch_model_config(config) -> ModelConfig:
     """The model a config trains from scratch: config.model with config.num_kv_heads KV heads
-    (the one dial for G; -1 = num_heads, MHA)."""
+    (the one dial for G; -1 = num_heads, MHA) and the run's precision policy (precision.py)."""
     model = config.model.to_dict()
+    moved = sorted({"param_dtype", "dtype"} & set(model))
+    if moved:  # a config file written before the policy: say where the keys went
+        raise TrainError(f"config.model.{moved[0]} is no longer a model key: set "
+                         "config.param_dtype (master weights) and config.compute_dtype (matmuls "
+                         "and activations) instead; they apply to every initialisation source")
     return ModelConfig.from_dict({**model, "num_kv_heads": (
         model["num_heads"] if config.num_kv_heads == -1 else config.num_kv_heads)})
 
 
 def _new_run(config) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """(host params or None for scratch, run info) for a workdir without checkpoints."""
+    # The precision policy is checked before anything is read (a 7B load takes minutes).
+    platform = jax.default_backend()
+    try:
+        precision.compute_dtype_for(config.compute_dtype, platform)
+        precision.check_param_dtype(config.param_dtype)
+    except precision.PrecisionError as e:
+        raise TrainError(str(e)) from None
     if config.init_checkpoint:
         params, model_config, info = _load_init_checkpoint(config)
     else:
@@ -159,6 +130,8 @@ def _new_run(config) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         model_config = scratch_model_config(config)
         params, info = None, {"init": {"scratch_seed": config.seed}, "source_step": None,
                               "auto_tokenizer": None}
+    model_config = precision.apply(model_config, config.param_dtype, config.compute_dtype,
+                                   platform)
     num_steps = num_steps_of(config, info["source_step"],
                            config.init_checkpoint or "scratch training")
     tokenizer = config.data.tokenizer
@@ -264,50 +237,40 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
     if micro % sharding.batch_divisor(mesh):
         raise TrainError(f"micro-batch {micro} (batch_size / grad_accum_steps) is not divisible "
                          f"by the data x fsdp mesh size {sharding.batch_divisor(mesh)}")
-    o = config.optimizer
     schedule = make_schedule(config, num_steps)
-    shapes = abstract_params(model_config)
-    tx = optim.make_optimizer(schedule, shapes, b1=o.b1, b2=o.b2, eps=o.eps,
-                              weight_decay=o.weight_decay, clip_norm=o.clip_norm)
-    param_sh = sharding.param_shardings(shapes, mesh)
-    repl = sharding.replicated(mesh)
-    opt_sh = optim.opt_state_shardings(tx, shapes, param_sh, repl)
-    batch_sh = jax.sharding.NamedSharding(mesh, sharding.batch_spec(leading_axes=1))
+    setup = train_step_lib.build(
+        model_config, mesh, schedule, config.optimizer,
+        implementation=config.attention_implementation, remat=config.remat,
+        scan_layers=config.scan_layers, loss_chunk_size=config.loss_chunk_size)
+    repl, batch_sh, train_step = setup.repl, setup.batch_sh, setup.step
 
-    # --- state.
+    # --- state (checkpoints hold the per-layer layout: setup.to_disk / from_disk).
     if latest is not None:
-        abstract_opt = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            jax.eval_shape(tx.init, shapes), opt_sh)
         params, meta, opt_state = checkpoints.restore(
-            latest, expected_config=model_config, opt_state_target=abstract_opt,
-            param_shardings=param_sh)
+            latest, expected_config=model_config, opt_state_target=setup.disk_opt_target(),
+            param_shardings=setup.disk_sh)
+        params, opt_state = setup.from_disk(params, opt_state)
         start_step = meta.step
         log(f"resumed from {latest} (step {start_step} of {num_steps})")
     else:
         if host_params is None:
-            seed = config.seed
-            params = jax.jit(lambda: get_params(Transformer(model_config, rngs=nnx.Rngs(seed))),
-                             out_shardings=param_sh)()
+            params = setup.scratch_params(config.seed)
         else:
-            params = sharding.put_params(host_params, param_sh)
-        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+            params = setup.put_host_params(host_params)
+        opt_state = setup.init_opt_state(params)
         start_step = 0
         log(f"new run: {json.dumps(run['init'])}; {num_steps} steps")
     del host_params
-    num_params = sum(int(np.prod(x.shape)) for x in shapes.values())
+    num_params = sum(int(np.prod(x.shape)) for x in setup.shapes.values())
     tokens_per_step = batch_size * seq_len
-    log(f"model {model_config.to_dict()}: {num_params:,} params; mesh {dict(mesh.shape)}; "
-         f"{tokens_per_step:,} tokens/step; train {len(train_stream.tokens):,} tokens "
-         f"({num_windows:,} windows)")
+    log(f"model {model_config.to_dict()}: {num_params:,} params ({model_config.param_dtype} "
+        f"master weights, {model_config.dtype} compute, float32 optimizer state); mesh "
+        f"{dict(mesh.shape)}; {tokens_per_step:,} tokens/step; train "
+        f"{len(train_stream.tokens):,} tokens ({num_windows:,} windows)")
 
-    train_step = jax.jit(
-        make_train_step(model_config, tx, implementation=config.attention_implementation,
-                        remat=config.remat),
-        in_shardings=(param_sh, opt_sh, batch_sh), out_shardings=(param_sh, opt_sh, repl),
-        donate_argnums=(0, 1))
     eval_step = losses.make_eval_step(model_config, config.attention_implementation,
-                                      out_sharding=repl)
+                                      out_sharding=repl, scan_layers=config.scan_layers,
+                                      loss_chunk_size=config.loss_chunk_size)
     eval_sh = jax.sharding.NamedSharding(mesh, sharding.batch_spec())
 
     def put_eval_batch(rows_fn):
@@ -342,7 +305,9 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
         tok = run["tokenizer"]
         tok_file = (None if tok == "byte" else os.path.join(tok, checkpoints.TOKENIZER_FILE)
                     if os.path.isdir(tok) else tok)
-        checkpoints.save_step(workdir, params, meta, opt_state, keep=config.keep_checkpoints,
+        disk_params, disk_opt_state = setup.to_disk(params, opt_state)
+        checkpoints.save_step(workdir, disk_params, meta, disk_opt_state,
+                              keep=config.keep_checkpoints,
                               tokenizer_file=tok_file)
 
     metrics = MetricsLog(workdir, start_step, resumed=latest is not None)

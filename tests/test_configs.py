@@ -35,6 +35,7 @@ def test_uptraining_shares_pretrainings_data_optimizer_and_output_blocks(arg):
     own = {"seed", "model", "num_steps", "alpha", "log_every", "eval_every", "checkpoint_every"}
     assert _differing(pre, up) - {"data", "optimizer"} <= own
     for key in ("batch_size", "grad_accum_steps", "remat", "attention_implementation",
+                "param_dtype", "compute_dtype", "scan_layers", "loss_chunk_size",
                 "eval_batches", "final_eval_batches", "keep_checkpoints", "progress_bar",
                 "init_checkpoint", "convert_seed"):
         assert pre[key] == up[key], key
@@ -57,15 +58,19 @@ def test_the_values_each_variant_documents():
         "log_every": 10, "eval_every": 100, "eval_batches": 4, "final_eval_batches": -1,
         "checkpoint_every": 100, "keep_checkpoints": 3, "progress_bar": True}
     assert {k: pre["model"][k] for k in ("d_model", "num_layers", "num_heads", "mlp_dim",
-                                         "vocab_size", "dtype")} == {
-        "d_model": 256, "num_layers": 4, "num_heads": 8, "mlp_dim": 768, "vocab_size": 257,
-        "dtype": "float32"}
+                                         "vocab_size")} == {
+        "d_model": 256, "num_layers": 4, "num_heads": 8, "mlp_dim": 768, "vocab_size": 257}
+    assert "dtype" not in pre["model"] and "param_dtype" not in pre["model"]  # the policy's keys
+    assert {k: pre[k] for k in ("param_dtype", "compute_dtype", "scan_layers", "remat",
+                                "loss_chunk_size")} == {
+        "param_dtype": "float32", "compute_dtype": "auto", "scan_layers": True, "remat": "none",
+        "loss_chunk_size": 512}
 
     base = _get(h.PRETRAIN, "size=base")
-    assert (base["model"]["d_model"], base["model"]["dtype"], base["data"]["seq_len"],
+    assert (base["model"]["d_model"], base["compute_dtype"], base["data"]["seq_len"],
             base["batch_size"], base["num_steps"], base["optimizer"]["learning_rate"],
             base["optimizer"]["warmup_steps"], base["eval_every"], base["eval_batches"],
-            base["checkpoint_every"]) == (768, "bfloat16", 1024, 64, 20000, 6e-4, 1000, 1000,
+            base["checkpoint_every"]) == (768, "auto", 1024, 64, 20000, 6e-4, 1000, 1000,
                                           16, 1000)
     assert _differing(base["data"], pre["data"]) == {"seq_len"}
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import _helpers_train as h
-from gqa_uptrain import checkpoints, data, evaluate, losses, optim, pooling, train
+from gqa_uptrain import checkpoints, data, evaluate, losses, optim, pooling, train, train_step
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -142,8 +142,8 @@ def test_gradient_accumulation_and_remat_match_one_plain_step(pretrained):
                               clip_norm=0.0)
     results = []
     for accum, remat in ((1, False), (2, True)):
-        step = jax.jit(train.make_train_step(meta.model_config, tx, implementation="auto",
-                                             remat=remat))
+        step = jax.jit(train_step.make_train_step(meta.model_config, tx, implementation="auto",
+                                                  remat=remat))
         batch = {k: jnp.asarray(v).reshape(accum, 4 // accum, 16) for k, v in rows.items()}
         results.append(step(params, tx.init(params), batch))
     one, two = results
@@ -174,8 +174,14 @@ def test_schedules():
     wsd = optim.make_schedule("wsd", **kw)
     constant = optim.make_schedule("constant", **kw)
     for s in (cosine, wsd, constant):
-        assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(0.5)
-        assert float(s(10)) == pytest.approx(1.0)
+        # Warmup lr(s) = peak (s + 1) / W: step 0 already moves the weights; the peak at W - 1.
+        assert float(s(0)) == pytest.approx(0.1) and float(s(4)) == pytest.approx(0.5)
+        assert float(s(9)) == pytest.approx(1.0) and float(s(10)) == pytest.approx(1.0)
+    for name in optim.SCHEDULES:  # lr(0) > 0 for every schedule and warmup, 1 included
+        for warmup in (1, 2, 5, 110):
+            s = optim.make_schedule(name, **{**kw, "warmup_steps": warmup})
+            assert float(s(0)) == pytest.approx(1.0 / warmup), (name, warmup)
+            assert float(s(warmup - 1)) == pytest.approx(1.0), (name, warmup)
     assert float(cosine(60)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
     assert float(cosine(110)) == pytest.approx(0.1)
     assert float(wsd(55)) == pytest.approx(1.0)  # stable until the last 55 steps

@@ -3,7 +3,7 @@
     python -m gqa_uptrain.bench train [--quick] [--shapes d256,d512_gqa] [--repeats 5]
         [--implementation auto] [--no_peer]
 
-Ours: this project's real training step, train.make_train_step (forward, backward over the
+Ours: this project's real training step, train_step.make_train_step (forward, backward over the
 micro-batch scan, the global-norm clip at 1.0, optax AdamW from optim.make_optimizer with a
 constant learning rate, b1 0.9, b2 0.95, weight decay 0.1 on matrices, as configs/pretrain.py),
 jitted with params and optimizer state donated, on a batch of random tokens with the loader's
@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_uptrain import data, optim, peers, perf
-from gqa_uptrain import train as train_lib
+from gqa_uptrain import train_step as train_step_lib
 from gqa_uptrain.benchmarks.common import (BenchError, attempt, fmt, machine_info,
                                            machine_line)
 from gqa_uptrain.model import (ModelConfig, abstract_params, build_model, count_params,
@@ -96,8 +96,8 @@ def train_step_setup(config: ModelConfig, batch: int, seq_len: int, *, seed: int
     schedule = optim.make_schedule("constant", peak_lr=1e-4, warmup_steps=0, total_steps=1,
                                    decay_fraction=0.0, min_lr_ratio=1.0)
     tx = optim.make_optimizer(schedule, params, **ADAMW)
-    step = jax.jit(train_lib.make_train_step(config, tx, implementation=implementation,
-                                             remat=False), donate_argnums=(0, 1))
+    step = jax.jit(train_step_lib.make_train_step(config, tx, implementation=implementation),
+                   donate_argnums=(0, 1))
     state = {"params": params, "opt_state": tx.init(params)}
     tokens = random_batch(config, batch, seq_len, seed)
 
