@@ -2,7 +2,7 @@
 order that is a pure function of (seed, step).
 
     python -m gqa_uptrain.data prepare --config=configs/pretrain.py:smoke [--config.KEY=...] \\
-        [--workdir=DIR]      # both splits' stores, in data.cache_dir or DIR/data_cache
+        [--workdir=DIR] [--workers=N]  # both splits' stores, in data.cache_dir or DIR/data_cache
 
 Sources (DataSpec.source):
   'stdlib'  the running interpreter's own standard-library source (`sysconfig.get_paths()['stdlib']`),
@@ -52,6 +52,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import sysconfig
 import time
@@ -64,6 +65,8 @@ from gqa_uptrain import token_store
 from gqa_uptrain.token_store import DataError
 
 SOURCES = ("stdlib", "files", "hf")
+# config.data keys of the batch loader, not of the text (DataSpec): data.prefetch (prefetch.py).
+LOADER_KEYS = ("prefetch",)
 BYTE_VOCAB_SIZE = 257
 BYTE_BOS_ID = 256
 # Directories of the stdlib left out of the corpus: the test suites (31 MB that would dominate the
@@ -74,6 +77,15 @@ _TEXT_EXTENSIONS = (".txt", ".text", ".md", ".py", ".rst")
 # in parallel, and the bound on the text held in memory at once.
 _PREPARE_BATCH_DOCUMENTS = 256
 _PREPARE_BATCH_CHARS = 32 * 2**20
+# A shard (token_store.write_shard) ends at whichever bound a document crosses first: 4 MiB of text
+# is ~1M BPE tokens, about a second of one core's tokenizing, so a worker's round trip and file
+# are a small share of it; a 50B-token corpus makes ~50k shards. The bounds cut the documents,
+# never the store's bytes (its concatenation), so changing them changes no store.
+_SHARD_DOCUMENTS = 16384
+_SHARD_CHARS = 4 * 2**20
+# Shards queued per worker beyond the one it tokenizes: keeps every worker busy while the reader
+# runs ahead, and bounds the text held in memory at (workers * (1 + this) + 1) * _SHARD_CHARS.
+_SHARDS_AHEAD_PER_WORKER = 2
 # How long the other processes of a run wait for process 0 to prepare a store: tokenizing is
 # ~220k tokens/s on 2 cores, so a day covers ~19B tokens there; beyond, run `prepare` first.
 PREPARE_WAIT_S = 24 * 3600.0
@@ -95,6 +107,10 @@ class DataSpec:
     tokenizer: str  # 'byte', 'auto' (the model's own tokenizer.json if it has one, else byte), a path
     seq_len: int
     cache_dir: str  # where the splits' token stores are prepared ('' = the trainer's choice)
+    # 'files' / 'hf': read through `datasets` streaming (no Arrow copy of the raw data, whatever
+    # its size) or, False, through its Arrow cache; the same documents either way. A default, so
+    # that the specs saved in earlier checkpoints and the stdlib specs built in code still load.
+    streaming: bool = True
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -109,7 +125,9 @@ class DataSpec:
 
     @classmethod
     def from_dict(cls, d) -> "DataSpec":
-        return cls(**dict(d))
+        """From config.data (its LOADER_KEYS, which say how batches are read, not what they
+        hold, are left out) or a saved to_dict()."""
+        return cls(**{k: v for k, v in dict(d).items() if k not in LOADER_KEYS})
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -154,8 +172,10 @@ class HFTokenizer:
 
     def encode_batch(self, texts: Sequence[bytes | str]) -> list[np.ndarray]:
         texts = [t.decode("utf-8", errors="replace") if isinstance(t, bytes) else t for t in texts]
-        return [np.asarray(e.ids, np.int32)
-                for e in self._tok.encode_batch(texts, add_special_tokens=True)]
+        # encode_batch_fast (tokenizers >= 0.20): the same ids, without the character offsets
+        # that nothing here reads.
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [np.asarray(e.ids, np.int32) for e in encode(texts, add_special_tokens=True)]
 
 
 Tokenizer = ByteTokenizer | HFTokenizer
@@ -220,6 +240,10 @@ class _Reading:
     manifest: dict[str, Any]
     file_stats: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     count: int = 0
+    # Progress: source rows (files, records) read so far, kept or not, and how many the source
+    # holds (None: unknown); what prepare's progress bar and its ETA count.
+    scanned: int = 0
+    total_rows: int | None = None
 
     def __iter__(self) -> Iterator[bytes | str]:
         for doc in self.documents:
@@ -252,6 +276,7 @@ def _stdlib_documents(spec: DataSpec, split: str) -> _Reading:
                 "validation", "files": files}
     reading = _Reading(iter(()), manifest)
     listed = _stdlib_split_files(spec, split)
+    reading.total_rows = len(listed)
 
     def read() -> Iterator[bytes]:
         for rel, path in listed:
@@ -259,6 +284,7 @@ def _stdlib_documents(spec: DataSpec, split: str) -> _Reading:
             with open(path, "rb") as f:
                 data = f.read()
             files.append([rel, hashlib.sha256(data).hexdigest()])
+            reading.scanned += 1
             yield data
 
     reading.documents = read()
@@ -297,21 +323,49 @@ def _builder_for(paths: list[str]) -> str:
     return kinds.pop()
 
 
-def _texts(dataset, text_field: str, where: str, keep: Callable[[str], bool] | None
-           ) -> Iterator[str]:
-    """The non-empty texts of a datasets.Dataset column, a batch of rows at a time (the Arrow
-    table is memory-mapped: only the batch is in memory), those `keep` accepts."""
-    if text_field not in dataset.column_names:
-        raise DataError(f"{where}: no column {text_field!r} (columns: {dataset.column_names}); set "
+def _texts(dataset, text_field: str, where: str, keep: Callable[[str], bool] | None,
+           reading: _Reading) -> Iterator[str]:
+    """The non-empty texts of a datasets.Dataset or IterableDataset (streaming) column, a batch of
+    rows at a time (a memory-mapped Arrow table or a stream: only the batch is in memory), those
+    `keep` accepts; reading.scanned counts the rows."""
+    columns = dataset.column_names  # None for a stream whose features are not known up front
+    if columns is not None and text_field not in columns:
+        raise DataError(f"{where}: no column {text_field!r} (columns: {columns}); set "
                         "data.text_field")
 
     def read() -> Iterator[str]:
-        for batch in dataset.select_columns([text_field]).iter(batch_size=1024):
+        rows = dataset if columns is None else dataset.select_columns([text_field])
+        for batch in rows.iter(batch_size=1024):
+            if text_field not in batch:
+                raise DataError(f"{where}: no column {text_field!r} (columns: {sorted(batch)}); "
+                                "set data.text_field")
             for text in batch[text_field]:
+                reading.scanned += 1
                 if text and (keep is None or keep(text)):
                     yield text
 
     return read()
+
+
+def _count_rows(paths: list[str], builder: str) -> int:
+    """Rows in local data files, for the progress bar's ETA: parquet from its metadata, a jsonl
+    file's lines (counted in 16 MiB reads: a small share of the time tokenizing takes), a text
+    file is one row."""
+    if builder == "text":
+        return len(paths)
+    if builder == "parquet":
+        import pyarrow.parquet as pq  # noqa: PLC0415 (a dependency of datasets)
+
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+    total = 0
+    for p in paths:
+        with open(p, "rb") as f:
+            last = b"\n"
+            while chunk := f.read(16 * 2**20):
+                total += chunk.count(b"\n")
+                last = chunk[-1:]
+            total += last != b"\n"  # a last line without its newline
+    return total
 
 
 def _hash_rule(spec: DataSpec, split: str) -> Callable[[str], bool]:
@@ -340,30 +394,46 @@ def _local_documents(spec: DataSpec, split: str, cache_dir: str) -> _Reading:
                         f"sha256(text)[:8]/16**8 < {spec.val_fraction} -> validation"}
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     ds = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=cache_dir,
-                               **kwargs)
+                               streaming=spec.streaming, **kwargs)
+    reading.total_rows = _count_rows(paths, builder)
     reading.documents = _texts(ds, "text" if builder == "text" else spec.text_field,
-                               ",".join(paths), None if spec.val_path else _hash_rule(spec, split))
+                               ",".join(paths), None if spec.val_path else _hash_rule(spec, split),
+                               reading)
     return reading
 
 
 def _hf_dataset(spec: DataSpec, split: str, cache_dir: str):
-    """(the datasets.Dataset of `split`, its split name in the dataset)."""
+    """(the datasets.Dataset, or IterableDataset when spec.streaming, of `split`, its split name
+    in the dataset)."""
     import datasets  # noqa: PLC0415
 
     name = spec.val_split if (split == "validation" and spec.val_split) else spec.train_split
     return datasets.load_dataset(spec.hf_name, spec.hf_config or None, split=name,
-                                 cache_dir=cache_dir), name
+                                 cache_dir=cache_dir, streaming=spec.streaming), name
+
+
+def _hf_fingerprint(spec: DataSpec, cache_dir: str) -> str:
+    """What names a Hugging Face dataset's version without reading its rows: its builder's hash
+    (on the hub, derived from the dataset repository's revision), the same whether the rows are
+    then streamed or not."""
+    import datasets  # noqa: PLC0415
+
+    return datasets.load_dataset_builder(spec.hf_name, spec.hf_config or None,
+                                         cache_dir=cache_dir).hash
 
 
 def _hf_documents(spec: DataSpec, split: str, cache_dir: str) -> _Reading:
     ds, name = _hf_dataset(spec, split, cache_dir)
-    texts = _texts(ds, spec.text_field, f"{spec.hf_name}[{name}]",
-                   None if spec.val_split else _hash_rule(spec, split))
     manifest = {"source": "hf", "split": split, "name": spec.hf_name, "config": spec.hf_config,
-                "hf_split": name, "fingerprint": getattr(ds, "_fingerprint", None),
+                "hf_split": name, "fingerprint": _hf_fingerprint(spec, cache_dir),
                 "rule": f"hf split {name!r}" if spec.val_split or split == "train" else
                 f"sha256(text)[:8]/16**8 < {spec.val_fraction} -> validation"}
-    return _Reading(texts, manifest)
+    reading = _Reading(iter(()), manifest)
+    splits = ds.info.splits or {}
+    reading.total_rows = (splits[name].num_examples or None) if name in splits else None
+    reading.documents = _texts(ds, spec.text_field, f"{spec.hf_name}[{name}]",
+                               None if spec.val_split else _hash_rule(spec, split), reading)
+    return reading
 
 
 def _read_documents(spec: DataSpec, split: str, cache_dir: str) -> _Reading:
@@ -468,12 +538,42 @@ def store_path(spec: DataSpec, tokenizer: Tokenizer, split: str, cache_dir: str)
                         f"tokens-{split}-{hashlib.sha256(key.encode()).hexdigest()[:20]}")
 
 
-def prepare_split(spec: DataSpec, tokenizer: Tokenizer, split: str, cache_dir: str) -> str:
+def default_workers() -> int:
+    """The cores this process may run on (its CPU affinity, which a container or a job scheduler
+    sets), else os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def prepare_split(spec: DataSpec, tokenizer: Tokenizer, split: str, cache_dir: str, *,
+                  workers: int | None = None, progress: bool | None = None,
+                  shard_documents: int = _SHARD_DOCUMENTS, shard_chars: int = _SHARD_CHARS) -> str:
     """Tokenizes a split once into its token store (store_path) and returns the store's path; a
-    complete store is left as it is. All or nothing (token_store.write_store)."""
+    complete store is left as it is.
+
+    The documents are read in order and cut into shards (at shard_documents documents or
+    shard_chars characters, whichever comes first); `workers` processes (None: default_workers())
+    tokenize them, each shard into its own file under STORE.shards/, named by its index and the
+    sha256 of its documents; the store is their concatenation. A prepare killed mid-way leaves its
+    finished shards, which the next one (same documents, same tokenizer) uses instead of
+    tokenizing them again; the store's bytes are the same whatever the number of workers, the
+    shard bounds or the kills. A progress bar (rows read of the source's total, documents,
+    tokens, tokens/s, ETA) goes to stderr (progress None: when it is a terminal).
+
+    All or nothing (token_store.write_store_from_shards): bad input (a DataError) leaves neither
+    the store nor its shards; any other failure (a kill) leaves only the shards folder.
+    """
     path = store_path(spec, tokenizer, split, cache_dir)
     if token_store.is_complete(path):
         return path
+    if shard_documents < 1 or shard_chars < 1:
+        raise DataError(f"shard bounds must be >= 1, got {shard_documents} documents, "
+                        f"{shard_chars} characters")
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise DataError(f"workers={workers} must be >= 1")
     token_store.token_dtype(tokenizer.vocab_size)  # a vocabulary too large: before reading
     reading = _read_documents(spec, split, cache_dir)
 
@@ -483,9 +583,154 @@ def prepare_split(spec: DataSpec, tokenizer: Tokenizer, split: str, cache_dir: s
                 "tokenizer": {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint,
                               "vocab_size": tokenizer.vocab_size}}
 
-    token_store.write_store(path, _encoded_batches(reading, tokenizer), tokenizer.vocab_size,
-                            describe)
+    shards_dir = path + SHARDS_SUFFIX
+    os.makedirs(shards_dir, exist_ok=True)
+    try:
+        files = _tokenize_shards(reading, tokenizer, shards_dir, workers, shard_documents,
+                                 shard_chars, f"prepare {split}", progress)
+        token_store.write_store_from_shards(path, files, tokenizer.vocab_size, describe)
+    except DataError:
+        shutil.rmtree(shards_dir, ignore_errors=True)  # bad input: nothing to resume
+        raise
+    shutil.rmtree(shards_dir, ignore_errors=True)
     return path
+
+
+SHARDS_SUFFIX = ".shards"
+
+
+def _cut_shards(reading: _Reading, max_documents: int, max_chars: int
+                ) -> Iterator[tuple[list[bytes | str], int]]:
+    """(documents, source rows read up to the shard's last one) of consecutive shards."""
+    shard, chars = [], 0
+    for doc in reading:
+        shard.append(doc)
+        chars += len(doc)
+        if len(shard) == max_documents or chars >= max_chars:
+            yield shard, reading.scanned
+            shard, chars = [], 0
+    if shard:
+        yield shard, reading.scanned
+
+
+def _shard_name(index: int, documents: list[bytes | str]) -> str:
+    """shard-<index>-<sha256 of the documents, each length-prefixed>: a shard file of other text
+    (an input edited between a kill and the rerun) is never taken for this one."""
+    digest = hashlib.sha256()
+    for doc in documents:
+        raw = doc.encode("utf-8") if isinstance(doc, str) else doc
+        digest.update(len(raw).to_bytes(8, "little"))
+        digest.update(raw)
+    return f"shard-{index:07d}-{digest.hexdigest()[:16]}"
+
+
+def _worker_tokenizer(tokenizer: Tokenizer) -> str | None:
+    """What a worker process loads the tokenizer from (load_tokenizer's spec), None when it
+    cannot (another Tokenizer class, such as a test's): then the shards are tokenized here."""
+    if type(tokenizer) is ByteTokenizer:
+        return "byte"
+    if type(tokenizer) is HFTokenizer:
+        return tokenizer.path
+    return None
+
+
+_worker_state: dict[str, Any] = {}
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """A worker exits when the prepare that started it is killed (Linux: PR_SET_PDEATHSIG);
+    otherwise a SIGKILLed prepare leaves its workers waiting for work that never comes."""
+    if sys.platform.startswith("linux"):
+        import ctypes  # noqa: PLC0415
+        import signal  # noqa: PLC0415
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(1)
+
+
+def _init_worker(tokenizer_spec: str, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
+    # One thread per worker: the workers are the parallelism; the Rust encoder's own thread pool
+    # in each of them would oversubscribe the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_state["tokenizer"] = load_tokenizer(tokenizer_spec)
+
+
+def _tokenize_shard(documents: list[bytes | str], file: str,
+                    tokenizer: Tokenizer | None = None) -> tuple[int, int]:
+    """Writes one shard file (in a worker: with its tokenizer); (documents, tokens)."""
+    tokenizer = tokenizer or _worker_state["tokenizer"]
+    pieces = [p for batch in _encoded_batches(documents, tokenizer) for p in batch]
+    return token_store.write_shard(file, pieces, tokenizer.vocab_size)
+
+
+def _tokenize_shards(reading: _Reading, tokenizer: Tokenizer, shards_dir: str, workers: int,
+                     shard_documents: int, shard_chars: int, desc: str,
+                     progress: bool | None) -> list[str]:
+    """Every shard's file under shards_dir, in document order: finished ones kept, the others
+    tokenized by `workers` processes (spawned once a second shard exists, so a small split costs
+    no process start; here when workers == 1 or the tokenizer cannot be sent)."""
+    import concurrent.futures  # noqa: PLC0415
+    import multiprocessing  # noqa: PLC0415
+
+    from tqdm import tqdm  # noqa: PLC0415
+
+    worker_spec = _worker_tokenizer(tokenizer) if workers > 1 else None
+    files: list[str] = []
+    pending: list[tuple[Any, int]] = []  # (future or (docs, tokens), rows read), oldest first
+    pool = None
+    held = None  # the first shard, until a second one says whether to start the workers
+    bar = tqdm(total=reading.total_rows, desc=desc, unit=" rows", dynamic_ncols=True,
+               disable=None if progress is None else not progress, smoothing=0.05)
+    done = {"documents": 0, "tokens": 0, "start": time.perf_counter(), "rows": 0}
+
+    def finish(result: tuple[int, int], rows: int) -> None:
+        done["documents"] += result[0]
+        done["tokens"] += result[1]
+        if rows > done["rows"]:  # shards finish out of order only by the held first one
+            bar.update(rows - done["rows"])
+            done["rows"] = rows
+        rate = done["tokens"] / max(time.perf_counter() - done["start"], 1e-9)
+        bar.set_postfix_str(f"{done['documents']:,} docs, {done['tokens']:,} tokens, "
+                            f"{rate:,.0f} tokens/s", refresh=False)
+
+    def drain(keep: int) -> None:
+        while len(pending) > keep:
+            job, rows = pending.pop(0)
+            finish(job.result() if hasattr(job, "result") else job, rows)
+
+    try:
+        for index, (documents, rows) in enumerate(_cut_shards(reading, shard_documents,
+                                                              shard_chars)):
+            file = os.path.join(shards_dir, _shard_name(index, documents))
+            files.append(file)
+            if os.path.isfile(file):  # finished by a killed run
+                job = token_store.shard_counts(file)
+            elif worker_spec is None:
+                job = _tokenize_shard(documents, file, tokenizer)
+            elif held is None and pool is None:
+                held = (documents, file, rows)
+                continue
+            else:
+                if pool is None:
+                    pool = concurrent.futures.ProcessPoolExecutor(
+                        workers, mp_context=multiprocessing.get_context("spawn"),
+                        initializer=_init_worker, initargs=(worker_spec, os.getpid()))
+                if held is not None:
+                    pending.append((pool.submit(_tokenize_shard, *held[:2]), held[2]))
+                    held = None
+                job = pool.submit(_tokenize_shard, documents, file)
+            pending.append((job, rows))
+            drain(workers * (1 + _SHARDS_AHEAD_PER_WORKER))
+        if held is not None:  # the only shard to tokenize: here, no process started
+            pending.append((_tokenize_shard(held[0], held[1], tokenizer), held[2]))
+        drain(0)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    return files
 
 
 def _file_changes(stored: dict[str, Any], files: list[tuple[str, str]]) -> list[str]:
@@ -522,8 +767,7 @@ def _disagreements(spec: DataSpec, tokenizer: Tokenizer, split: str, cache_dir: 
     elif spec.source == "files":
         changes = _file_changes(stored, _local_split_files(spec, split))
     else:
-        ds, _ = _hf_dataset(spec, split, cache_dir)
-        now = getattr(ds, "_fingerprint", None)
+        now = _hf_fingerprint(spec, cache_dir)
         changes = ([] if now == stored["source"]["fingerprint"] else
                    [f"dataset {spec.hf_name}: fingerprint {stored['source']['fingerprint']} in "
                     f"the store, {now} now"])
@@ -558,19 +802,20 @@ def _process_index() -> int:
 
 
 def load_split(spec: DataSpec, tokenizer: Tokenizer, split: str, cache_dir: str, *,
-               process_index: int | None = None, wait_s: float = PREPARE_WAIT_S
-               ) -> tuple[TokenStream, dict[str, Any]]:
+               process_index: int | None = None, wait_s: float = PREPARE_WAIT_S,
+               workers: int | None = None) -> tuple[TokenStream, dict[str, Any]]:
     """The split's TokenStream (memory maps of its token store under cache_dir) and manifest
     (the split's sources and sha256, tokenizer, num_tokens, store).
 
-    A missing store is prepared first (prepare_split) by process 0 (process_index; None = jax's);
-    the other processes wait up to wait_s seconds for it to appear, then open it.
+    A missing store is prepared first (prepare_split, with `workers` processes) by process 0
+    (process_index; None = jax's); the other processes wait up to wait_s seconds for it to
+    appear, then open it.
     """
     path = store_path(spec, tokenizer, split, cache_dir)
     if not token_store.is_complete(path):
         index = _process_index() if process_index is None else process_index
         if index == 0:
-            prepare_split(spec, tokenizer, split, cache_dir)
+            prepare_split(spec, tokenizer, split, cache_dir, workers=workers)
         else:
             token_store.wait_for_store(path, wait_s, f"process {index}")
     return open_split(spec, tokenizer, split, cache_dir)
@@ -679,10 +924,10 @@ def _tokenizer_of(config) -> str:
         "--config.data.tokenizer=PATH/tokenizer.json")
 
 
-def prepare(config, workdir: str = "") -> Iterator[str]:
+def prepare(config, workdir: str = "", workers: int | None = None) -> Iterator[str]:
     """Prepares the train and validation stores of a training config (the stores its training
-    run would open: in config.data.cache_dir, or WORKDIR/data_cache when that is ''); yields one
-    line per split."""
+    run would open: in config.data.cache_dir, or WORKDIR/data_cache when that is'') with
+    `workers` processes (None: default_workers()); yields one line per split."""
     d = config.data.to_dict()
     if not (d["cache_dir"] or workdir):
         raise DataError("data.cache_dir is '' (= the run's WORKDIR/data_cache): pass --workdir=DIR "
@@ -693,7 +938,8 @@ def prepare(config, workdir: str = "") -> Iterator[str]:
     for split in ("train", "validation"):
         start = time.perf_counter()
         existed = token_store.is_complete(store_path(spec, tokenizer, split, spec.cache_dir))
-        _, manifest = load_split(spec, tokenizer, split, spec.cache_dir, process_index=0)
+        _, manifest = load_split(spec, tokenizer, split, spec.cache_dir, process_index=0,
+                                 workers=workers)
         how = ("already prepared" if existed else
                f"prepared in {time.perf_counter() - start:.1f} s")
         yield (f"{split}: {manifest['num_tokens']:,} tokens ({manifest['store']['dtype']}), "
@@ -709,7 +955,8 @@ def main(argv):
         cli.fail(f"expected the command `prepare`, got {' '.join(argv[1:]) or 'none'!r} "
                  "(python -m gqa_uptrain.data prepare --config=...)", cli.USAGE_EXIT)
     try:
-        for line in prepare(flags.FLAGS.config, flags.FLAGS.workdir or ""):
+        for line in prepare(flags.FLAGS.config, flags.FLAGS.workdir or "",
+                            flags.FLAGS.workers or None):
             print(line, flush=True)
     except (ValueError, OSError) as e:  # DataError is a ValueError
         cli.fail(e)
@@ -726,5 +973,7 @@ if __name__ == "__main__":
         "configs/pretrain.py:smoke; override any key with --config.KEY=VALUE", lock_config=True)
     flags.DEFINE_string("workdir", None, "the training run's directory: with data.cache_dir '' "
                         "the stores go to WORKDIR/data_cache, where that run looks for them")
+    flags.DEFINE_integer("workers", 0, "processes that tokenize (0 = the cores this process may "
+                         "use); the store is the same bytes whatever the number", lower_bound=0)
     flags.mark_flags_as_required(["config"])
     cli.run(main, description=__doc__.split("\n\n")[0], config_flag="config")

@@ -13,6 +13,11 @@ The folder is written under a temporary name beside its final one and renamed in
 complete (outputs.atomic_folder), so a store that exists is whole; the temporary folders of killed
 writers are removed by the next writer on the same host.
 
+A large split is tokenized in shards (write_shard: runs of consecutive documents, one file each,
+written by worker processes) and the store is their concatenation in document order
+(write_store_from_shards), so the store's bytes do not depend on how the documents were cut or on
+how many processes tokenized them; data.prepare_split keeps finished shards across a kill.
+
 Reading is np.memmap of the two files (open_store): a process touches only the pages of the windows
 it packs, the pages count as the OS's file cache (shared between the processes of a host, dropped
 under memory pressure), not as the process's anonymous memory, and any path every host can read
@@ -72,29 +77,54 @@ def write_store(path: str, batches: Iterable[Sequence[np.ndarray]], vocab_size: 
     its manifest returned.
     """
     dtype = token_dtype(vocab_size)  # before anything exists on disk
+    return _write(path, (_flatten(pieces, vocab_size, dtype) for pieces in batches), dtype,
+                  describe)
+
+
+def write_store_from_shards(path: str, shard_files: Iterable[str], vocab_size: int,
+                            describe: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """write_store from shard files (write_shard) concatenated in the given order: the same bytes
+    as write_store of the shards' documents in that order, however they were cut."""
+    dtype = token_dtype(vocab_size)
+    return _write(path, (read_shard(f, dtype) for f in shard_files), dtype, describe)
+
+
+def _flatten(pieces: Sequence[np.ndarray], vocab_size: int, dtype: np.dtype
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths [num_nonempty] int64, tokens [sum of lengths] in `dtype`) of documents' ids;
+    DataError naming the first id outside 0 .. vocab_size - 1 (checked before the cast wraps)."""
+    pieces = [p for p in pieces if len(p)]
+    if not pieces:
+        return np.zeros(0, _DOC_STARTS_DTYPE), np.zeros(0, dtype)
+    lengths = np.array([len(p) for p in pieces], _DOC_STARTS_DTYPE)
+    flat = np.concatenate(pieces)
+    if flat.min() < 0 or flat.max() >= vocab_size:
+        bad = int(flat.max()) if flat.max() >= vocab_size else int(flat.min())
+        raise DataError(f"token id {bad} is outside the tokenizer's vocabulary of {vocab_size} "
+                        "ids")
+    return lengths, flat.astype(dtype)
+
+
+def _write(path: str, chunks: Iterable[tuple[np.ndarray, np.ndarray]], dtype: np.dtype,
+           describe: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The store from chunks of (lengths [docs] int64 > 0, tokens [sum of lengths] `dtype`), whose
+    ids were checked against vocab_size when they were cast (_flatten; a shard when written)."""
     try:
         with outputs.atomic_folder(path) as tmp:
             num_tokens, num_doc_starts = 0, 0
             digest = hashlib.sha256()
             with open(os.path.join(tmp, TOKENS_FILE), "wb") as tokens_file, \
                     open(os.path.join(tmp, DOC_STARTS_FILE), "wb") as starts_file:
-                for pieces in batches:
-                    pieces = [p for p in pieces if len(p)]
-                    if not pieces:
+                for lengths, flat in chunks:
+                    if not len(lengths):
                         continue
-                    lengths = np.array([len(p) for p in pieces], np.int64)
-                    flat = np.concatenate(pieces)
-                    if flat.min() < 0 or flat.max() >= vocab_size:
-                        bad = int(flat.max()) if flat.max() >= vocab_size else int(flat.min())
-                        raise DataError(f"token id {bad} is outside the tokenizer's vocabulary "
-                                        f"of {vocab_size} ids")
                     starts = num_tokens + np.concatenate([[0], np.cumsum(lengths)[:-1]])
-                    data = flat.astype(dtype).tobytes()
+                    data = np.ascontiguousarray(flat, dtype).tobytes()
                     tokens_file.write(data)
                     digest.update(data)
                     starts_file.write(starts.astype(_DOC_STARTS_DTYPE).tobytes())
                     num_tokens += int(lengths.sum())
-                    num_doc_starts += len(pieces)
+                    num_doc_starts += len(lengths)
                 for f in (tokens_file, starts_file):
                     f.flush()
                     os.fsync(f.fileno())  # the data reach the disk before the manifest names them
@@ -111,6 +141,52 @@ def write_store(path: str, batches: Iterable[Sequence[np.ndarray]], vocab_size: 
             raise
         # Another writer (a second run sharing the cache) renamed its store into place first.
     return read_manifest(path)
+
+
+# ----------------------------------------------------------------------------- shards
+# A shard is a run of consecutive documents tokenized on its own (by a worker process), one file:
+#   [num_docs] int64, then lengths [num_docs] int64 (non-empty documents only), then the tokens
+#   [sum of lengths] in the store's dtype, all little-endian.
+# It is written under a temporary name and renamed, so a shard file that exists is whole: a
+# prepare killed mid-way keeps its finished shards and the next one skips them.
+
+
+def write_shard(path: str, pieces: Sequence[np.ndarray], vocab_size: int) -> tuple[int, int]:
+    """Writes documents' ids ([len_i] arrays) as the shard file `path`, atomically; returns
+    (non-empty documents, tokens). DataError for an id outside the vocabulary, before writing."""
+    dtype = token_dtype(vocab_size)
+    lengths, flat = _flatten(pieces, vocab_size, dtype)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(np.array([len(lengths)], _DOC_STARTS_DTYPE).tobytes())
+        f.write(lengths.tobytes())
+        f.write(flat.tobytes())
+    os.replace(tmp, path)
+    return len(lengths), len(flat)
+
+
+def read_shard(path: str, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths [num_docs] int64, tokens [sum of lengths] `dtype`, a read-only memory map) of a
+    shard file; DataError when its size does not match its header."""
+    with open(path, "rb") as f:
+        num_docs = int(np.frombuffer(f.read(8), _DOC_STARTS_DTYPE)[0])
+        lengths = np.frombuffer(f.read(8 * num_docs), _DOC_STARTS_DTYPE)
+    num_tokens = int(lengths.sum())
+    size = os.path.getsize(path)
+    if size != 8 * (1 + num_docs) + num_tokens * dtype.itemsize or len(lengths) != num_docs:
+        raise DataError(f"shard {path} has {size} bytes, its header says {num_docs} documents "
+                        f"of {num_tokens} tokens: remove it to tokenize it again")
+    if not num_tokens:
+        return lengths, np.zeros(0, dtype)
+    return lengths, np.memmap(path, dtype=dtype, mode="r", offset=8 * (1 + num_docs),
+                              shape=(num_tokens,))
+
+
+def shard_counts(path: str) -> tuple[int, int]:
+    """(non-empty documents, tokens) of a finished shard file, from its header."""
+    with open(path, "rb") as f:
+        num_docs = int(np.frombuffer(f.read(8), _DOC_STARTS_DTYPE)[0])
+        return num_docs, int(np.frombuffer(f.read(8 * num_docs), _DOC_STARTS_DTYPE).sum())
 
 
 def read_manifest(path: str) -> dict[str, Any]:
