@@ -12,10 +12,16 @@ so with loss_chunk_size = c < seq the sequence is cut into chunks of c positions
 chunk's logits are recomputed in the backward pass (jax.checkpoint) instead of stored: at most
 [batch, c, vocab] of them exist at a time. The same loss and gradients as the plain path to fp32
 rounding (tests/test_losses.py).
+
+Distillation (chunked_distill, distill_sums): beside each chunk's nll, KL(teacher || student) of the
+softmaxes at temperature T, the teacher's logits of the same chunk computed from its final hidden
+states (no gradient) in the same chunk, so neither model's full logits exist; train_step weighs the
+two sums as (1 - lambda) nll + lambda T^2 KL (tests/test_distill.py).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -92,6 +98,61 @@ def chunked_nll(hidden: jax.Array, head: jax.Array, targets: jax.Array, mask: ja
     return total
 
 
+def _distill_of_chunk(temperature, head, teacher_head, hidden, teacher_hidden, targets, mask):
+    """(masked nll sum, masked KL(teacher || student) sum at `temperature`) of one chunk: hidden
+    [b, c, d], teacher_hidden [b, c, d_teacher], targets/mask [b, c] -> two float32 scalars."""
+    logits = jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)  # [b, c, vocab]
+    teacher_logits = jnp.einsum("btd,dv->btv", teacher_hidden,
+                                teacher_head.astype(teacher_hidden.dtype),
+                                preferred_element_type=jnp.float32)  # [b, c, vocab]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    log_p_teacher = jax.nn.log_softmax(teacher_logits / temperature)
+    log_p_student = jax.nn.log_softmax(logits / temperature)
+    kl = jnp.sum(jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1)  # [b, c]
+    return jnp.sum(nll * mask), jnp.sum(kl * mask)
+
+
+def chunked_distill(hidden: jax.Array, head: jax.Array, teacher_hidden: jax.Array,
+                    teacher_head: jax.Array, targets: jax.Array, mask: jax.Array,
+                    temperature: float, chunk_size: int = 0) -> tuple[jax.Array, jax.Array]:
+    """(sum of mask * nll, sum of mask * KL(softmax(t / T) || softmax(s / T))), float32, where s =
+    hidden @ head are the student's logits and t = teacher_hidden @ teacher_head the teacher's.
+
+    hidden [batch, seq, d_model]; head [d_model, vocab]; teacher_hidden [batch, seq, d_teacher];
+    teacher_head [d_teacher, vocab]; targets [batch, seq] ints; mask [batch, seq] float32. Chunked
+    as chunked_nll (same chunk_size rule, the last chunk padded with mask 0): both models' logits
+    of one chunk at a time, recomputed in the backward pass. The nll sum is chunked_nll's formula
+    (equal to its rounding, not necessarily bit for bit: XLA fuses it with the KL). No gradient flows into the teacher's arguments that the caller does not ask
+    for (train_step stops it at the teacher's hidden states).
+    """
+    one = functools.partial(_distill_of_chunk, temperature)
+    batch, seq, _ = hidden.shape
+    if chunk_size <= 0 or chunk_size >= seq:
+        return one(head, teacher_head, hidden, teacher_hidden, targets, mask)
+    num_chunks = -(-seq // chunk_size)
+    pad = num_chunks * chunk_size - seq
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        teacher_hidden = jnp.pad(teacher_hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        mask = jnp.pad(mask, ((0, 0), (0, pad)))
+
+    def chunks(x):  # [b, n * c, ...] -> [n, b, c, ...]
+        return jnp.swapaxes(x.reshape((batch, num_chunks, chunk_size) + x.shape[2:]), 0, 1)
+
+    one = jax.checkpoint(one)
+
+    def body(totals, xs):
+        nll, kl = one(head, teacher_head, *xs)
+        return (totals[0] + nll, totals[1] + kl), None
+
+    zero = jnp.zeros((), jnp.float32)
+    totals, _ = jax.lax.scan(body, (zero, zero), (chunks(hidden), chunks(teacher_hidden),
+                                                  chunks(targets), chunks(mask)))
+    return totals
+
+
 def nll_sum(apply, params, batch: dict[str, jax.Array], *, implementation: str = "auto",
             remat: bool | str = "none", loss_chunk_size: int = 0
             ) -> tuple[jax.Array, jax.Array]:
@@ -104,6 +165,27 @@ def nll_sum(apply, params, batch: dict[str, jax.Array], *, implementation: str =
                          remat=remat)
     mask = batch["loss_mask"].astype(jnp.float32)
     return chunked_nll(hidden, head, batch["targets"], mask, loss_chunk_size), jnp.sum(mask)
+
+
+def distill_sums(apply, params, teacher_apply, teacher_params, batch: dict[str, jax.Array], *,
+                 temperature: float, implementation: str = "auto", remat: bool | str = "none",
+                 loss_chunk_size: int = 0) -> tuple[jax.Array, jax.Array]:
+    """(sum of -log p(target), sum of KL(teacher || student) at `temperature`) over the tokens
+    with loss_mask, float32 scalars: the teacher's forward (teacher_apply, teacher_params) on the
+    same batch, its hidden states under stop_gradient, then chunked_distill.
+
+    batch: data.BATCH_KEYS, each [batch, seq] int32.
+    """
+    teacher_hidden, teacher_head = teacher_apply(
+        teacher_params, batch["inputs"], segment_ids=batch["segment_ids"],
+        positions=batch["positions"], implementation=implementation)
+    teacher_hidden, teacher_head = jax.lax.stop_gradient((teacher_hidden, teacher_head))
+    hidden, head = apply(params, batch["inputs"], segment_ids=batch["segment_ids"],
+                         positions=batch["positions"], implementation=implementation,
+                         remat=remat)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return chunked_distill(hidden, head, teacher_hidden, teacher_head, batch["targets"], mask,
+                           temperature, loss_chunk_size)
 
 
 def make_eval_step(config: ModelConfig, implementation: str, out_sharding=None, *,
