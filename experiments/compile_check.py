@@ -66,7 +66,8 @@ def main(argv=None) -> int:
                                  remat=args.remat, scan_layers=not args.no_scan,
                                  loss_chunk_size=args.loss_chunk_size)
         start = time.perf_counter()
-        lowered = setup.step.lower(*setup.abstract_args(1, args.micro_batch, args.seq_len))
+        with jax.set_mesh(mesh):  # as the trainer traces it: activation constraints on this mesh
+            lowered = setup.step.lower(*setup.abstract_args(1, args.micro_batch, args.seq_len))
         lowered_at = time.perf_counter()
         compiled = lowered.compile()
         done = time.perf_counter()

@@ -24,6 +24,7 @@ from flax import nnx
 
 from gqa_uptrain import attention as attention_lib
 from gqa_uptrain import heads
+from gqa_uptrain.sharding import constrain
 from gqa_uptrain import cpu
 from gqa_uptrain.cpu import dense as cpu_dense
 from gqa_uptrain.cpu import xla_options
@@ -152,6 +153,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 # ----------------------------------------------------------------------------- modules
 
+# Logical axes of the activations (sharding.LOGICAL_RULES maps them to mesh axes; sharding.constrain
+# applies them under a jax.set_mesh and is the identity without one).
+BTD = ("batch", "seq", "act_embed")  # the residual stream [batch, seq, d_model]
+BTNH = ("batch", "seq", "heads", "head_dim")  # queries and the attention output
+BTKH = ("batch", "seq", "kv_heads", "head_dim")  # keys and values
+BTF = ("batch", "seq", "mlp")  # the MLP's hidden activations
+
 
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., d_in] @ w [d_in, d_out] -> [..., d_out]: every projection of the model (with
@@ -233,16 +241,16 @@ class Attention(nnx.Module):
         return y
 
     def _qkv(self, x, positions, inv_freq):
-        q = apply_rope(self._project(x, "q"), positions, inv_freq)  # [b, t, n, h]
-        k = apply_rope(self._project(x, "k"), positions, inv_freq)  # [b, t, k, h]
-        v = self._project(x, "v")  # [b, t, k, h]
+        q = constrain(apply_rope(self._project(x, "q"), positions, inv_freq), BTNH)  # [b, t, n, h]
+        k = constrain(apply_rope(self._project(x, "k"), positions, inv_freq), BTKH)  # [b, t, k, h]
+        v = constrain(self._project(x, "v"), BTKH)  # [b, t, k, h]
         return q, k, v
 
     def __call__(self, x, positions, inv_freq, segment_ids, implementation):
         q, k, v = self._qkv(x, positions, inv_freq)
         out = attention_lib.attention(q, k, v, mode="train", causal=True,
                                       segment_ids=segment_ids, implementation=implementation)
-        return self._output(out)
+        return self._output(constrain(out, BTNH))
 
     def decode(self, x, positions, inv_freq, cache_k, cache_v, lengths, implementation):
         """x: [b, t, d]; cache_k/v: [b, kv_heads, max_len, head_dim]; writes t entries at `lengths`."""
@@ -271,8 +279,8 @@ class MLP(nnx.Module):
         self.down_proj = _init(rngs, (c.mlp_dim, c.d_model), c.mlp_dim, dt)
 
     def __call__(self, x):
-        gate = dense(x, self.gate_proj[...].astype(self.dtype))
-        up = dense(x, self.up_proj[...].astype(self.dtype))
+        gate = constrain(dense(x, self.gate_proj[...].astype(self.dtype)), BTF)
+        up = constrain(dense(x, self.up_proj[...].astype(self.dtype)), BTF)
         return dense(jax.nn.silu(gate) * up, self.down_proj[...].astype(self.dtype))
 
 
@@ -355,12 +363,12 @@ class Transformer(nnx.Module):
 
         def block_fn(graphdef, state, x):
             block = nnx.merge(graphdef, state)
-            x = x + block.attn(block.attn_norm(x), positions, inv_freq, segment_ids,
-                               implementation)
-            return x + block.mlp(block.mlp_norm(x))
+            x = constrain(x + block.attn(block.attn_norm(x), positions, inv_freq, segment_ids,
+                                         implementation), BTD)
+            return constrain(x + block.mlp(block.mlp_norm(x)), BTD)
 
         # A pure function of (state, x) under jax.checkpoint: the Block is rebuilt inside it.
-        x = self._embed(tokens)
+        x = constrain(self._embed(tokens), BTD)
         if self.scan_layers:
             graphdef, state = nnx.split(self.layers)
             step = _remat(lambda s, x: block_fn(graphdef, s, x), remat)
@@ -369,7 +377,7 @@ class Transformer(nnx.Module):
             for block in self.layers:
                 graphdef, state = nnx.split(block)
                 x = _remat(lambda s, x, g=graphdef: block_fn(g, s, x), remat)(state, x)
-        return self.final_norm(x)
+        return constrain(self.final_norm(x), BTD)
 
     def __call__(self, tokens, *, segment_ids=None, positions=None, implementation="auto",
                  remat: bool | str = "none"):

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from experiments import reproduce  # noqa: E402
-from gqa_uptrain import bench, convert  # noqa: E402
+from gqa_uptrain import bench, convert, plan  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +87,8 @@ def _entry_points() -> list[EntryPoint]:
             lambda name=name: argparse_options(subparsers(bench.build_parser())[name])))
     entries.append(EntryPoint("reproduce", (os.path.join("experiments", "reproduce.py"),),
                               lambda: argparse_options(reproduce.build_parser())))
+    entries.append(EntryPoint("plan", ("-m", "gqa_uptrain.plan"),
+                              lambda: argparse_options(plan.build_parser())))
     return entries
 
 

@@ -155,10 +155,10 @@ def test_gradient_accumulation_and_remat_match_one_plain_step(pretrained):
 
 
 def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    # Warmup makes step 1's learning rate 0 (a good checkpoint); step 2's is 5e29, which
-    # overflows the params.
+    # Warmup (W = 2): step 1's rate is 1e8, which leaves every param finite but ~1e8 (a good
+    # checkpoint); the gradient at those params overflows, so step 2 is not finite.
     config = h.config(num_steps=4, checkpoint_every=1, eval_every=0, final_eval_batches=0,
-                      **{"optimizer.learning_rate": 1e30, "optimizer.clip_norm": 0.0})
+                      **{"optimizer.learning_rate": 2e8, "optimizer.clip_norm": 0.0})
     workdir = str(tmp_path)
     with pytest.raises(FloatingPointError, match="at step 2 ") as e:
         train.train_and_evaluate(config, workdir)
