@@ -3,8 +3,11 @@ training config of each kind of run. Pure: nothing here trains, reads or writes 
 
 Runs (experiments/presets.py sizes them; results.py names and validates their records):
   pretrain  MHA from scratch for P steps (configs/pretrain.py), once per pretraining seed
-  continue  the same MHA uptrained for alpha P steps with the GQA uptraining recipe (`mean`'s
-            learning rate): the MHA on the GQA recipe, today's Δ reference
+  reference the same MHA continued for alpha P steps from its own optimizer state
+            (config.init_optimizer_state) at pretraining's final learning rate, constant, no
+            warmup: what more pretraining gives, the Δ reference
+  continue  the same MHA uptrained for alpha P steps with the GQA uptraining recipe (fresh Adam,
+            warmup, `mean`'s learning rate, cosine): the MHA on the GQA recipe, reported beside it
   convert   K/V heads reduced to G by a method (METHODS), saved as a checkpoint, evaluated: alpha 0
             (also the norm-matched `mean_normed` control of the preset's control_methods)
   lr        the learning-rate sweep: a conversion uptrained for alpha P steps at one peak rate of
@@ -15,6 +18,11 @@ Runs (experiments/presets.py sizes them; results.py names and validates their re
             checkpointed at every swept alpha and evaluated there (Fig. 5: the points share one run,
             so they differ only in steps; a cosine run would anneal differently for each length)
   scratch   GQA from scratch for (1 + alpha) P steps
+  distill   a `mean` conversion (G in preset.distill_kv_heads) uptrained for alpha P steps like
+            its uptrain run, the loss distilled from the pretrained MHA (config.distill: weight
+            preset.distill_weight, temperature preset.distill_temperature); beside it an uptrain
+            run of matched_alpha(G) P steps, the plain uptraining of the same FLOPs (the
+            teacher's forward counted: distill_flops_ratio)
 Every kind but lr and sweep is repeated for each of preset.pretrain_seeds (a run of pretraining seed
 p > 0 descends from pretrain_g{N}_s0_p{p}); lr and sweep run on pretraining seed 0 only.
 """
@@ -29,7 +37,7 @@ import ml_collections
 
 from experiments import results
 from experiments.presets import Preset
-from gqa_uptrain import merging, train
+from gqa_uptrain import merging, perf, train
 from gqa_uptrain.model import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,10 +60,11 @@ CALIBRATION_TOKENS = 16384
 RUN_FIELDS = ("d_model", "num_layers", "num_heads", "mlp_dim", "seq_len", "batch_size",
               "pretrain_steps", "pretrain_warmup_steps", "eval_batches", "speed_batch",
               "speed_context", "speed_repeats", "alpha", "sweep_alphas", "lr_sweep",
-              "lr_sweep_kv_heads")
+              "lr_sweep_kv_heads", "distill_weight", "distill_temperature")
 
 # The kinds of run that train (the others: convert, which converts and evaluates).
-TRAINING_KINDS = ("pretrain", "continue", "lr", "uptrain", "sweep", "scratch")
+TRAINING_KINDS = ("pretrain", "reference", "continue", "lr", "uptrain", "sweep", "scratch",
+                  "distill")
 # Batch-order seeds of uptraining: 1 + seed + UPTRAIN_SEED_STRIDE * pretraining seed, so that no
 # uptraining replays the batch order of its own pretraining (seed p) and pretraining seed 0 keeps
 # the seeds of before (1 + seed).
@@ -94,9 +103,12 @@ def plan(preset: Preset) -> list[Run]:
             runs.append(Run("convert", g, method, 0.0, convert_seed(method, 0)))
             runs += [Run("lr", g, method, a, 0, 0, lr) for lr in preset.lr_sweep]
     for p in preset.pretrain_seeds:
-        runs.append(Run("continue", n, "none", a, 0, p))
+        runs += [Run("reference", n, "none", a, 0, p), Run("continue", n, "none", a, 0, p)]
         for g in preset.kv_heads:
             runs += [Run("convert", g, "mean", 0.0, 0, p), Run("uptrain", g, "mean", a, 0, p)]
+        for g in preset.distill_kv_heads:  # after their conversion and plain uptraining
+            runs += [Run("distill", g, "mean", a, 0, p),
+                     Run("uptrain", g, "mean", matched_alpha(preset, g), 0, p)]
         if p == preset.pretrain_seeds[0]:
             for g in preset.sweep_kv_heads:
                 runs += [Run("sweep", g, "mean", alpha, 0, p) for alpha in preset.sweep_alphas
@@ -111,7 +123,7 @@ def plan(preset: Preset) -> list[Run]:
             runs.append(Run("scratch", g, "scratch", a, 0, p))
     unique = list(dict.fromkeys(runs))  # mean seed 0 is also the main uptrain run; keep the first
     for run in unique:
-        if run.kind in ("convert", "lr", "uptrain", "sweep") and run.method not in METHODS:
+        if run.kind in ("convert", "lr", "uptrain", "sweep", "distill") and run.method not in METHODS:
             raise ValueError(f"preset {preset.name!r} lists method {run.method!r}, not one of "
                              f"{', '.join(METHODS)}")
     return unique
@@ -138,15 +150,41 @@ def best_learning_rate(preset: Preset, method: str, records: dict[str, dict]) ->
 
 
 def learning_rate(preset: Preset, run: Run, records: dict[str, dict]) -> float | None:
-    """The peak rate a training run uses: an 'lr' run's own; the sweep's choice for `mean`'s
-    continue and sweep runs and for the uptraining of swept methods; None = the config's own."""
+    """The peak rate a training run uses: an 'lr' run's own; pretraining's final rate for the
+    reference; the sweep's choice for `mean`'s continue, sweep and distill runs (a distilled run
+    differs from its plain uptraining only in the loss) and for the uptraining of swept methods;
+    None = the config's own."""
     if run.kind == "lr":
         return run.learning_rate
-    if run.kind in ("continue", "sweep"):
+    if run.kind == "reference":
+        return pretrain_final_learning_rate(preset)
+    if run.kind in ("continue", "sweep", "distill"):
         return best_learning_rate(preset, "mean", records)
     if run.kind == "uptrain":
         return best_learning_rate(preset, run.method, records)
     return None
+
+
+def pretrain_final_learning_rate(preset: Preset) -> float:
+    """The rate pretraining ends at: its cosine's floor, peak x min_lr_ratio (3e-3 x 0.1)."""
+    o = pretrain_config(preset, preset.num_heads, 1, "").optimizer
+    return o.learning_rate * o.min_lr_ratio
+
+
+def distill_flops_ratio(preset: Preset, num_kv_heads: int) -> float:
+    """Training FLOPs of a distilled step over a plain one, per token, at G = num_kv_heads: the
+    student's forward + backward (perf.train_flops_per_token) plus the MHA teacher's forward, a
+    third of its own training FLOPs (about 1 + 1/3 for a teacher of the student's size)."""
+    mha = source_model_config(preset)
+    student = perf.train_flops_per_token(mha.replace(num_kv_heads=num_kv_heads), preset.seq_len)
+    return 1 + perf.train_flops_per_token(mha, preset.seq_len) / 3 / student
+
+
+def matched_alpha(preset: Preset, num_kv_heads: int) -> float:
+    """The uptraining proportion whose plain run costs what the distilled run of alpha P steps
+    does (distill_flops_ratio), rounded to whole steps: the equal-FLOPs comparison."""
+    steps = round(preset.steps(preset.alpha) * distill_flops_ratio(preset, num_kv_heads))
+    return steps / preset.pretrain_steps
 
 
 def convert_seed(method: str, seed: int) -> int:
@@ -160,17 +198,23 @@ def source_run(preset: Preset, pretrain_seed: int = 0) -> Run:
 
 
 def init_run(preset: Preset, run: Run) -> Run | None:
-    """The run whose output `run` starts from: the pretraining (continue, convert) or a conversion
-    (lr, uptrain, sweep) of the same pretraining seed; None for the runs from scratch."""
+    """The run whose output `run` starts from: the pretraining (reference, continue, convert) or a
+    conversion (lr, uptrain, sweep, distill) of the same pretraining seed; None for the runs from
+    scratch."""
     p = run.pretrain_seed
-    if run.kind in ("continue", "convert"):
+    if run.kind in ("reference", "continue", "convert"):
         return source_run(preset, p)
-    if run.kind in ("uptrain", "lr"):
+    if run.kind in ("uptrain", "lr", "distill"):
         return Run("convert", run.num_kv_heads, run.method, 0.0,
                    convert_seed(run.method, run.seed), p)
     if run.kind == "sweep":  # one run per (G, method, seed) for all its alphas: seed-0 conversion
         return Run("convert", run.num_kv_heads, run.method, 0.0, 0, p)
     return None
+
+
+def teacher_run(preset: Preset, run: Run) -> Run | None:
+    """The distillation teacher of a distill run: the MHA its conversion was pooled from."""
+    return source_run(preset, run.pretrain_seed) if run.kind == "distill" else None
 
 
 def workdir_name(run: Run, learning_rate: float | None = None) -> str:
@@ -245,10 +289,12 @@ def uptrain_config(preset: Preset, init_checkpoint: str, num_steps: int, seed: i
 
 
 def training_config(preset: Preset, run: Run, init_path: str, data_cache: str,
-                    learning_rate: float | None = None) -> ml_collections.ConfigDict:
+                    learning_rate: float | None = None, teacher_path: str = ""
+                    ) -> ml_collections.ConfigDict:
     """The training config of a run of TRAINING_KINDS; init_path: the output of init_run(run)
     (the pretraining's workdir or a converted checkpoint), '' for the runs from scratch;
-    learning_rate: an uptraining's peak (the learning_rate function; None: the config's)."""
+    learning_rate: an uptraining's peak (the learning_rate function; None: the config's);
+    teacher_path: a distill run's teacher (the output of teacher_run(run))."""
     p, ps = preset, run.pretrain_seed
     if run.kind == "pretrain":
         return pretrain_config(p, p.num_heads, p.pretrain_steps, data_cache, seed=ps)
@@ -258,6 +304,26 @@ def training_config(preset: Preset, run: Run, init_path: str, data_cache: str,
     if run.kind in ("continue", "uptrain", "lr"):
         return uptrain_config(p, init_path, p.steps(run.alpha), run.seed, data_cache,
                               pretrain_seed=ps, learning_rate=learning_rate)
+    if run.kind == "reference":
+        # More pretraining: Adam's moments and count restored, the rate pretraining ended at,
+        # held constant (with a restored count a schedule would be read from step P; the trainer
+        # resets the schedule's count, and a constant schedule is the same at every step anyway).
+        config = uptrain_config(p, init_path, p.steps(run.alpha), run.seed, data_cache,
+                                schedule="constant", pretrain_seed=ps,
+                                learning_rate=learning_rate)
+        with config.unlocked():
+            config.init_optimizer_state = True
+            config.optimizer.warmup_steps = 0  # the moments are warm
+        return config
+    if run.kind == "distill":
+        if not teacher_path:
+            raise ValueError(f"{run.name} needs its teacher's path (teacher_run)")
+        config = uptrain_config(p, init_path, p.steps(run.alpha), run.seed, data_cache,
+                                pretrain_seed=ps, learning_rate=learning_rate)
+        with config.unlocked():
+            config.distill.update(weight=p.distill_weight, temperature=p.distill_temperature,
+                                  teacher=teacher_path)
+        return config
     if run.kind == "sweep":
         max_steps = p.steps(max(p.sweep_alphas))
         config = uptrain_config(p, init_path, max_steps, run.seed, data_cache,

@@ -43,8 +43,8 @@ def _label(g: int, n: int) -> str:
 
 
 def _reference(recs: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:
-    """The MHA record of `kind` ('pretrain' | 'continue'), its loss the mean over pretraining
-    seeds; None if there is none."""
+    """The MHA record of `kind` ('pretrain' | 'reference' | 'continue'), its loss the mean over
+    pretraining seeds; None if there is none."""
     found = [r for r in recs if r["kind"] == kind]
     if not found:
         return None
@@ -70,7 +70,8 @@ def _speed_series(obj: dict[str, Any]) -> list[tuple[str, str, str, str, list]]:
                                         "tab:green")):
         by_g: dict[int, list] = {}
         for r in recs:
-            if r["kind"] == kind and r["method"] in ("mean", "scratch") and r["seed"] == 0:
+            if (r["kind"] == kind and r["method"] in ("mean", "scratch") and r["seed"] == 0
+                    and (kind != "uptrain" or r["alpha"] == alpha)):  # not the FLOP-matched
                 by_g.setdefault(r["num_kv_heads"], []).append(r)
         pts = sorted((rs[0]["decode_ms_per_step"], *_mean_std([r["val_loss"] for r in rs]), g)
                      for g, rs in by_g.items())
@@ -109,7 +110,8 @@ def quality_vs_speed(obj: dict[str, Any], path: str) -> None:
     # hollow diamond around a star) and a label each, one above and one below, pointing at them.
     for kind, marker, label, dy, va in (
             ("pretrain", "D", "MHA pretrained", -9, "top"),
-            ("continue", "*", f"MHA continued (α={alpha:g}): the Δ reference", 9, "bottom")):
+            (results.delta_reference_kind(recs), "*",
+             f"MHA continued (α={alpha:g}): the Δ reference", 9, "bottom")):
         r = _reference(recs, kind)
         if r is None:
             continue
@@ -142,7 +144,7 @@ def quality_vs_alpha(obj: dict[str, Any], path: str) -> None:
             continue
         if r["kind"] == "pretrain":
             ax.axhline(r["val_loss"], color="tab:red", linestyle="--", label="MHA pretrained")
-        if r["kind"] == "continue":
+        if r["kind"] == results.delta_reference_kind(recs):
             ax.plot([r["alpha"]], [r["val_loss"]], marker="*", color="tab:red", markersize=10,
                     linestyle="none", label=f"MHA continued (α={r['alpha']:g})")
     p = obj["preset"]["pretrain_steps"]
@@ -159,7 +161,8 @@ def ablation(obj: dict[str, Any], path: str) -> None:
     summary = results.ablation_summary(obj)
     recs, n = obj["records"], obj["model"]["num_heads"]
     alpha = obj["preset"]["alpha"]
-    cont, pre = _reference(recs, "continue"), _reference(recs, "pretrain")
+    cont = _reference(recs, results.delta_reference_kind(recs))
+    pre = _reference(recs, "pretrain")
     means = [s["mean"] for s in summary.values()]
     # Bars start at the reference, so a bar's length is the table's Δ to MHA (bars from an
     # arbitrary axis floor exaggerated the gaps); without a reference, dots and error bars only.

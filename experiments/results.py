@@ -6,10 +6,11 @@ results.json = {"format": FORMAT, "preset": {...}, "model": {ModelConfig of the 
 a run):
     name                      kind_g{G}[_{method}][_a{alpha}][_lr{rate}]_s{seed}[_p{pretraining
                               seed}], e.g. uptrain_g2_mean_a0.05_s0, lr_g1_first_a0.05_lr0.0003_s0
-    kind                      pretrain | continue | convert | lr | uptrain | sweep | scratch
+    kind                      pretrain | reference | continue | convert | lr | uptrain | sweep |
+                              scratch | distill (experiments/planning.py: what each is)
     num_kv_heads, method, alpha, seed, pretrain_seed, steps
                               method: a conversion method, 'scratch' (pretrain, scratch) or
-                              'none' (continue); alpha: the uptraining proportion (0 for pretrain
+                              'none' (reference, continue); alpha: the uptraining proportion (0 for pretrain
                               and convert; a scratch run's budget is (1 + alpha) P steps);
                               pretrain_seed: the MHA pretraining the run descends from
     learning_rate             the run's peak learning rate (null for convert)
@@ -50,9 +51,13 @@ FORMAT = 2
 FIELDS = ("name", "kind", "num_kv_heads", "method", "alpha", "seed", "pretrain_seed",
           "learning_rate", "steps", "val_loss", "val_perplexity", "decode_ms_per_step",
           "decode_tokens_per_step", "kv_cache_bytes_per_token", "wall_seconds")
-KINDS = ("pretrain", "continue", "convert", "lr", "uptrain", "sweep", "scratch")
+KINDS = ("pretrain", "reference", "continue", "convert", "lr", "uptrain", "sweep", "scratch",
+         "distill")
 # Runs that train from scratch record method 'scratch'; the MHA continued, 'none'.
-NON_CONVERSION_METHODS = {"pretrain": "scratch", "scratch": "scratch", "continue": "none"}
+NON_CONVERSION_METHODS = {"pretrain": "scratch", "scratch": "scratch", "continue": "none",
+                          "reference": "none"}
+# The MHA runs; the runs with fewer KV heads.
+MHA_KINDS = ("pretrain", "reference", "continue")
 
 
 class RecordError(ValueError):
@@ -102,9 +107,9 @@ def validate_record(record: dict[str, Any], *, num_heads: int, pretrain_steps: i
         heads.group_size(num_heads, g)
     except ValueError:
         fail(f"num_kv_heads={g!r} does not divide num_heads={num_heads}")
-    if kind in ("pretrain", "continue") and g != num_heads:
+    if kind in MHA_KINDS and g != num_heads:
         fail(f"a {kind} run is the MHA model: num_kv_heads must be {num_heads}, got {g}")
-    if kind in ("convert", "lr", "uptrain", "sweep", "scratch") and g == num_heads:
+    if kind not in MHA_KINDS and g == num_heads:
         fail(f"a {kind} run has fewer KV heads than num_heads={num_heads}, got {g}")
     if kind in NON_CONVERSION_METHODS:
         if method != NON_CONVERSION_METHODS[kind]:
@@ -195,7 +200,8 @@ def upgrade_results(obj: dict[str, Any]) -> dict[str, Any]:
         r.update(decode_tokens_per_step=batch, pretrain_seed=0, learning_rate=None)
         records.append(r)
     preset = {"pretrain_seeds": [0], "lr_sweep": [], "lr_sweep_methods": [],
-              "lr_sweep_kv_heads": [], "control_methods": [], **obj["preset"]}
+              "lr_sweep_kv_heads": [], "control_methods": [], "distill_kv_heads": [],
+              **obj["preset"]}
     return {**obj, "format": FORMAT, "preset": preset, "records": records,
             "analysis": obj.get("analysis", [])}
 
@@ -239,8 +245,13 @@ def make_table(results: dict[str, Any]) -> str:
     preset, speed, records = results["preset"], results["speed"], results["records"]
     config = model_lib.ModelConfig.from_dict(results["model"])
     n, alpha = config.num_heads, preset["alpha"]
-    refs = {r["pretrain_seed"]: r for r in _find(records, kind="continue")}
+    ref_kind = delta_reference_kind(records)
+    refs = {r["pretrain_seed"]: r for r in _find(records, kind=ref_kind)}
     ref0 = refs.get(0)
+    ref_text = ("the MHA continued for α = {a:g} from its own optimizer state at pretraining's "
+                "final learning rate (more pretraining)" if ref_kind == "reference" else
+                "the MHA continued for α = {a:g} on the GQA uptraining recipe (results before the "
+                "reference run existed)").format(a=alpha)
     per_g = speed.get("per_kv_heads", {})
     cache_tokens = speed["batch"] * speed["context"]
     num_seeds = len({r["pretrain_seed"] for r in records}) or 1
@@ -249,8 +260,7 @@ def make_table(results: dict[str, Any]) -> str:
         f"{n} query heads; pretraining P = {preset['pretrain_steps']} steps of "
         f"{preset['batch_size']} x {preset['seq_len']} tokens; {num_seeds} pretraining seed(s): "
         "each loss is the mean ± sample std over them, Δ the mean ± std of the per-seed "
-        f"differences to the MHA continued for α = {alpha:g} on the GQA uptraining recipe (today's "
-        f"reference). Decode: one step for a batch of {speed['batch']} (tokens per step) at "
+        f"differences to {ref_text}. Decode: one step for a batch of {speed['batch']} (tokens per step) at "
         f"{speed['context']} cached tokens, median of {speed['repeats']} alternated rounds "
         "[95% interval]; speed-up = MHA / G per round, median [95% interval]; roofline = the "
         "bytes/FLOPs model's ideal step at the bandwidth and peak measured beside it; KV MiB is "
@@ -285,7 +295,8 @@ def make_table(results: dict[str, Any]) -> str:
                      f"{ms_cell} | {up_cell} | {roof} | {kv_mib:.1f} |")
 
     row("MHA pretrained", _find(records, kind="pretrain"))
-    row(f"MHA continued α={alpha:g} (GQA recipe)", _find(records, kind="continue"))
+    row(f"MHA continued α={alpha:g} (own optimizer state)", _find(records, kind="reference"))
+    row(f"MHA on the GQA recipe α={alpha:g}", _find(records, kind="continue"))
     gs = sorted({r["num_kv_heads"] for r in records if r["num_kv_heads"] < n}, reverse=True)
     for g in gs:
         label = _label(g, n)
@@ -293,6 +304,7 @@ def make_table(results: dict[str, Any]) -> str:
                                         seed=0))
         row(f"{label} uptrained", _find(records, kind="uptrain", num_kv_heads=g, method="mean",
                                         seed=0, alpha=alpha))
+        row(f"{label} distilled", _find(records, kind="distill", num_kv_heads=g))
         row(f"{label} from scratch", _find(records, kind="scratch", num_kv_heads=g))
 
     lr_runs = [r for r in records if r["kind"] == "lr"]
@@ -331,6 +343,8 @@ def make_table(results: dict[str, Any]) -> str:
                 cells.append(f"{found[0]['val_loss']:.4f}" if found else "–")
             lines.append(f"| {g} | " + " | ".join(cells) + " |")
 
+    lines += _distill_lines(results)
+
     ablation = ablation_summary(results)
     if ablation:
         pre = [r["val_loss"] for r in _find(records, kind="pretrain")]
@@ -358,6 +372,67 @@ def make_table(results: dict[str, Any]) -> str:
 
     lines += _analysis_lines(results)
     return "\n".join(lines) + "\n"
+
+
+def delta_reference_kind(records: list[dict[str, Any]]) -> str:
+    """The kind of the Δ reference: 'reference' (the MHA continued from its optimizer state), or
+    'continue' (the MHA on the GQA recipe) in results made before the reference run existed."""
+    return "reference" if any(r["kind"] == "reference" for r in records) else "continue"
+
+
+def training_flops(record: dict[str, Any], config: model_lib.ModelConfig, seq_len: int,
+                   tokens_per_step: int) -> float:
+    """Model FLOPs of a record's own training steps (perf.train_flops_per_token x tokens), plus the
+    MHA teacher's forward (a third of its training FLOPs per token) for a distill run."""
+    from gqa_uptrain import perf  # noqa: PLC0415
+
+    tokens = record["steps"] * tokens_per_step
+    flops = perf.train_flops_per_token(config.replace(num_kv_heads=record["num_kv_heads"]),
+                                       seq_len) * tokens
+    if record["kind"] == "distill":
+        flops += perf.train_flops_per_token(config, seq_len) / 3 * tokens
+    return float(flops)
+
+
+def _distill_lines(results: dict[str, Any]) -> list[str]:
+    """Distilled vs plain uptraining per G: at equal tokens (the uptrain run of alpha) and at
+    equal FLOPs (the plain run of the distilled run's FLOPs: planning.matched_alpha), with the
+    training FLOPs, tokens and wall time of each."""
+    preset, records = results["preset"], results["records"]
+    distilled = [r for r in records if r["kind"] == "distill"]
+    if not distilled:
+        return []
+    config = model_lib.ModelConfig.from_dict(results["model"])
+    alpha, tps = preset["alpha"], preset["batch_size"] * preset["seq_len"]
+    lines = ["", f"Distillation from the pretrained MHA (weight {preset['distill_weight']:g}, "
+             f"temperature {preset['distill_temperature']:g}): `mean` conversions uptrained "
+             f"for α = {alpha:g} with loss (1 − weight) CE + weight T² KL(MHA ‖ GQA), against "
+             "plain uptraining at equal tokens (α) and at equal FLOPs (the plain run of the "
+             "distilled run's FLOPs, the teacher's forward counted: longer by its extra steps). "
+             "FLOPs: training only (the model's 6N + attention per token, the teacher's forward "
+             "a third of its own); wall: this machine's seconds, mean over pretraining seeds; Δ: "
+             "per-seed difference to the plain run at α.", "",
+             "| KV heads | run | steps | tokens | train PFLOPs | val loss | Δ to plain α | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for g in sorted({r["num_kv_heads"] for r in distilled}, reverse=True):
+        plain = {r["pretrain_seed"]: r for r in _find(records, kind="uptrain", num_kv_heads=g,
+                                                       method="mean", seed=0, alpha=alpha)}
+        matched = [r for r in records if r["kind"] == "uptrain" and r["num_kv_heads"] == g
+                   and r["method"] == "mean" and r["seed"] == 0 and r["alpha"] > alpha]
+        for label, rs in (("plain, equal tokens", list(plain.values())),
+                          ("distilled", _find(distilled, num_kv_heads=g)),
+                          ("plain, equal FLOPs", matched)):
+            if not rs:
+                continue
+            rs = _by_pretrain_seed(rs)
+            deltas = [r["val_loss"] - plain[r["pretrain_seed"]]["val_loss"] for r in rs
+                      if r["pretrain_seed"] in plain]
+            flops = training_flops(rs[0], config, preset["seq_len"], tps)
+            lines.append(f"| {g} | {label} | {rs[0]['steps']} | {rs[0]['steps'] * tps:,} | "
+                         f"{flops / 1e15:.4g} | {_pm([r['val_loss'] for r in rs])} | "
+                         f"{_pm(deltas, '+.4f')} | "
+                         f"{np.mean([r['wall_seconds'] for r in rs]):.1f} |")
+    return lines
 
 
 def _analysis_lines(results: dict[str, Any]) -> list[str]:

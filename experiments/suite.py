@@ -127,12 +127,13 @@ class Suite:
             src_record = os.path.join(other, "records", f"{run.name}.json")
             # The rate of an uptraining comes from its method's lr sweep: the same run only when
             # both presets sweep that method, or neither does.
-            rate_method = "mean" if run.kind in ("continue", "sweep") else run.method
+            rate_method = "mean" if run.kind in ("continue", "sweep", "distill") else run.method
             swept_here = rate_method in self.preset.lr_sweep_methods
             swept_there = rate_method in theirs.get("lr_sweep_methods", [])
             if (run.kind == "sweep" or os.path.exists(self.record_path(run.name))
                     or not os.path.exists(src_record)
-                    or (run.kind in ("continue", "uptrain") and swept_here != swept_there)):
+                    or (run.kind in ("continue", "uptrain", "distill")
+                        and swept_here != swept_there)):
                 continue
             src_dir, dst_dir = os.path.join(other, "runs", run.name), self.workdir(run.name)
             if os.path.isdir(src_dir):  # the workdir first: a record's presence means done
@@ -216,7 +217,10 @@ class Suite:
         return planning.learning_rate(self.preset, run, self.records)
 
     def _workdir_name(self, run: Run) -> str:
-        lr = self._learning_rate(run) if run.kind == "uptrain" else None
+        # Only an uptraining of the preset's alpha can be one of the lr sweep's runs (not the
+        # longer plain run of a distilled run's FLOPs).
+        lr = (self._learning_rate(run) if run.kind == "uptrain" and run.alpha == self.preset.alpha
+              else None)
         return planning.workdir_name(run, lr)
 
     def _evaluate(self, path: str) -> float:
@@ -226,18 +230,21 @@ class Suite:
 
     def _training_config(self, run: Run):
         init = planning.init_run(self.preset, run)
+        teacher = planning.teacher_run(self.preset, run)
         return planning.training_config(self.preset, run, self._output(init) if init else "",
-                                        self.data_cache, self._learning_rate(run))
+                                        self.data_cache, self._learning_rate(run),
+                                        teacher_path=self._output(teacher) if teacher else "")
 
     # -- the kinds of run
     def run_training(self, run: Run) -> None:
-        """pretrain, continue, lr, uptrain, scratch: the record of the training's final
-        evaluation."""
+        """pretrain, reference, continue, lr, uptrain, scratch, distill: the record of the
+        training's final evaluation."""
         config = self._training_config(run)
         self.finish(run, *self._train(config, self._workdir_name(run)),
                     learning_rate=config.optimizer.learning_rate)
 
-    run_pretrain = run_continue = run_lr = run_uptrain = run_scratch = run_training
+    run_pretrain = run_reference = run_continue = run_lr = run_uptrain = run_scratch = \
+        run_distill = run_training
 
     def run_convert(self, run: Run) -> None:
         start = time.perf_counter()

@@ -46,6 +46,11 @@ def _reproduce(output_dir: str, cache_dir: str, *extra: str) -> subprocess.Compl
     return out
 
 
+def metrics_log_records(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, metrics_log.METRICS_FILE)) as f:
+        return [json.loads(line) for line in f]
+
+
 def _checkpoint_dirs(output_dir: str) -> set[str]:
     found = set()
     for root, dirs, _ in os.walk(os.path.join(output_dir, "runs")):
@@ -87,6 +92,25 @@ def test_tiny_suite_writes_every_output_then_skips_finished_runs(tmp_path):
         assert by_name[f"uptrain_g1_{method}_a0.05_s0"]["val_loss"] == losses[best]
         assert not os.path.exists(os.path.join(out, "runs", f"uptrain_g1_{method}_a0.05_s0"))
     assert by_name["uptrain_g1_random_a0.05_s0"]["learning_rate"] == 1e-3  # configs/uptrain.py
+    # The MHA reference continues pretraining: its optimizer state restored, pretraining's final
+    # rate (3e-3 x 0.1) from its first step, constant; the GQA-recipe MHA run beside it.
+    with open(os.path.join(out, "runs", "reference_g2_a0.05_s0", "run.json")) as f:
+        assert json.load(f)["init"]["optimizer_state"] is True
+    ref_metrics = metrics_log_records(os.path.join(out, "runs", "reference_g2_a0.05_s0"))
+    rates = [r["train/lr"] for r in ref_metrics if "train/lr" in r]
+    assert rates and all(x == pytest.approx(3e-4) for x in rates), rates
+    assert by_name["reference_g2_a0.05_s0_p1"]["learning_rate"] == pytest.approx(3e-4)
+    assert by_name["reference_g2_a0.05_s0"]["val_loss"] != by_name["continue_g2_a0.05_s0"][
+        "val_loss"]
+    # Distillation: the MQA distilled from its MHA at the plain run's rate, its logged KL, and the
+    # plain run of its FLOPs (planning.matched_alpha: 7 steps here, not 5).
+    distilled = by_name["distill_g1_mean_a0.05_s0"]
+    assert distilled["learning_rate"] == by_name["uptrain_g1_mean_a0.05_s0"]["learning_rate"]
+    assert distilled["val_loss"] != by_name["uptrain_g1_mean_a0.05_s0"]["val_loss"]
+    assert all(r["train/kl"] > 0 for r in metrics_log_records(
+        os.path.join(out, "runs", "distill_g1_mean_a0.05_s0")) if "train/kl" in r)
+    assert planning.matched_alpha(preset, 1) == 0.07
+    assert by_name["uptrain_g1_mean_a0.07_s0_p1"]["steps"] == 7
     # Speed: every G's median inside its 95% interval, MHA's speed-up 1 exactly (same rounds),
     # the roofline beside it; records hold ms per step and tokens per step.
     speed = obj["speed"]["per_kv_heads"]
@@ -122,8 +146,11 @@ def test_tiny_suite_writes_every_output_then_skips_finished_runs(tmp_path):
     with open(os.path.join(out, "table.md")) as f:
         table = f.read()
     assert table == results.make_table(obj)
-    for heading in ("Uptraining learning rate", "Why the methods differ", "norm-matched control"):
+    for heading in ("Uptraining learning rate", "Why the methods differ", "norm-matched control",
+                    "Distillation from the pretrained MHA", "own optimizer state"):
         assert heading in table, heading
+    for label in ("plain, equal tokens", "distilled", "plain, equal FLOPs"):
+        assert re.search(rf"^\| 1 \| {label} \| ", table, re.M), (label, table)
     assert re.search(r"^\| MQA uptrained \| 1 \| mean \| 0\.05 \| 2 \| [0-9.]+ ± [0-9.]+ \|",
                      table, re.M), table
     for name in ("quality_vs_speed.png", "quality_vs_alpha.png", "ablation.png"):
@@ -251,8 +278,15 @@ def test_presets_plan_every_required_run_and_document_their_arithmetic(name):
     assert len({r.name for r in runs}) == len(runs)
     kinds = {k: [r for r in runs if r.kind == k] for k in results.KINDS}
     r_seeds = len(p.pretrain_seeds)
-    assert len(kinds["pretrain"]) == len(kinds["continue"]) == r_seeds
+    assert len(kinds["pretrain"]) == len(kinds["continue"]) == len(kinds["reference"]) == r_seeds
     assert sorted({r.num_kv_heads for r in kinds["uptrain"]}) == sorted(p.kv_heads)
+    # Distillation at each distill G, and the plain uptraining of its FLOPs beside it.
+    assert len(kinds["distill"]) == len(p.distill_kv_heads) * r_seeds
+    matched = [r for r in kinds["uptrain"] if r.alpha != p.alpha]
+    assert sorted(r.num_kv_heads for r in matched) == sorted(p.distill_kv_heads * r_seeds)
+    for r in matched:
+        assert p.steps(r.alpha) > p.steps(p.alpha)
+        kinds["uptrain"].remove(r)
     assert len(kinds["lr"]) == len(p.lr_sweep) * len(p.lr_sweep_methods) * len(p.lr_sweep_kv_heads)
     expected_ablation = (len(p.ablation_kv_heads) * len(p.ablation_methods)
                          * len(p.ablation_seeds) * r_seeds)
@@ -262,7 +296,7 @@ def test_presets_plan_every_required_run_and_document_their_arithmetic(name):
     # Every run's inputs come before it.
     seen = set()
     for r in runs:
-        if r.kind in ("uptrain", "lr"):
+        if r.kind in ("uptrain", "lr", "distill", "reference", "continue"):
             assert planning.init_run(p, r).name in seen
         if r.kind == "uptrain" and r.method in p.lr_sweep_methods:  # after its rate's sweep
             assert all(x.name in seen for x in kinds["lr"] if x.method == r.method)
@@ -365,7 +399,8 @@ def test_table_rows_hold_the_deltas_and_speed_ups():
                                          "2.500x [2.400, 2.600]", "0.5", "32.0"]
     assert rows["MQA converted"][3:6] == ["1", "2.5000", "+0.5200"]  # one seed: no ±
     assert rows["MQA from scratch"][5] == "+0.1700"
-    mha = rows["MHA continued α=0.05 (GQA recipe)"]
+    mha = rows["MHA on the GQA recipe α=0.05"]  # the Δ reference of results without 'reference'
+    assert "MHA continued α=0.05 (own optimizer state)" not in rows
     assert mha[4:7] == ["2.0200 ± 0.0566", "+0.0000 ± 0.0000", f"{math.exp(2.02):.3f}"]
     assert mha[9:] == ["2", "256.0"]  # roofline; 8 KV heads: 8x MQA's cache
     # Ablation over (pretraining seed, seed) runs: mean 2.08, 2.10, 2.12 = 2.10 ± 0.02; first
