@@ -19,16 +19,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
-import time
-
-import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOC_CHARS = 4095  # + BOS = 4,096 byte-level tokens a document
-# Printable ASCII without '"' and '\\', so a document is its own JSON string.
-_ALPHABET = np.frombuffer(bytes(c for c in range(32, 127) if c not in b'"\\'), np.uint8)
+sys.path.insert(0, REPO)
+# The corpus and the sampling are the data benchmark's (`python -m gqa_uptrain.bench data` runs the
+# same measurement as one of its targets).
+from gqa_uptrain.benchmarks.data import (memory_env, run_sampled,  # noqa: E402
+                                         write_jsonl_corpus as write_corpus)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,41 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def write_corpus(path: str, num_tokens: int, seed: int) -> int:
-    """A jsonl file of num_tokens // 4096 random documents; returns its number of tokens."""
-    rng = np.random.default_rng(seed)
-    num_docs = max(1, num_tokens // (DOC_CHARS + 1))
-    with open(path, "wb") as f:
-        for start in range(0, num_docs, 1024):  # 4 MB of text at a time
-            rows = _ALPHABET[rng.integers(0, len(_ALPHABET), (min(1024, num_docs - start),
-                                                               DOC_CHARS))]
-            f.write(b"".join(b'{"text": "' + row.tobytes() + b'"}\n' for row in rows))
-    return num_docs * (DOC_CHARS + 1)
-
-
-def rss_anon_bytes(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
-    except (OSError, StopIteration):
-        return None  # exited
-
-
-def run_sampled(cmd: list[str], env: dict[str, str]) -> tuple[int, float, str]:
-    """(peak RssAnon in bytes, wall seconds, stdout) of a command; raises if it fails."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    peak = 0
-    while proc.poll() is None:  # the training command re-executes itself: the pid is the same
-        peak = max(peak, rss_anon_bytes(proc.pid) or 0)
-        time.sleep(0.01)
-    out, err = proc.communicate()
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{err[-3000:]}")
-    return peak, time.perf_counter() - start, out
-
-
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if not os.path.exists("/proc/self/status"):
@@ -86,8 +49,7 @@ def main(argv=None) -> None:
     out = os.path.abspath(args.output_dir)
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
-    env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               HF_HOME=os.path.join(out, "hf_home"))
+    env = memory_env(out)
     val_path = os.path.join(out, "validation.jsonl")
     write_corpus(val_path, 200_000, seed=1)
     rows = []

@@ -219,3 +219,14 @@ def test_kill_and_resume_with_prefetch_is_bit_identical_to_prefetch_off(tmp_path
     for name in want:
         assert np.array_equal(got[name], want[name]), name
     assert h.deterministic(h.metrics(workdir)) == h.deterministic(h.metrics(reference))
+
+
+def test_host_tokens_per_s_is_the_documented_formula_by_hand():
+    from gqa_uptrain.benchmarks import data as bench_data
+
+    d, layers, kv, mlp, vocab, seq = 4096, 32, 8 * 128, 11008, 32000, 4096
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * mlp + 2 * d  # q, o; k, v; SwiGLU; two norms
+    params = layers * per_layer + d * vocab + d  # the output head and the final norm
+    want = 8 * 989e12 * 0.40 / (6 * params + 12 * layers * d * seq)
+    assert bench_data.host_tokens_per_s() == pytest.approx(want, rel=1e-12)
+    assert 76_000 < want < 77_000
