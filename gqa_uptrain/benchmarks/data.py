@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from gqa_uptrain import data, outputs, perf, token_store
+from gqa_uptrain import data, outputs, plan, token_store
 from gqa_uptrain.benchmarks.common import (BenchError, fmt, machine_info, machine_line,
                                            markdown_table)
 from gqa_uptrain.model import ModelConfig
@@ -73,29 +73,28 @@ LOADER_ROWS, LOADER_SEQ_LEN, LOADER_STEPS = 64, 4096, 200
 MIB = 2 ** 20
 
 # The consumer: Llama-2-7B uptrained to 8 KV heads (configs/uptrain.py's 7B preset), seq 4096,
-# on one host of 8 H100 SXM at 40% MFU (a good dense-bf16 figure for a 7B model at this size).
+# on one host of 8 H100 SXM at the planner's default MFU of 40%.
 LLAMA2_7B_GQA8 = ModelConfig(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32,
                              num_kv_heads=8, mlp_dim=11008, head_dim=128)
-HOST_GPUS, H100_BF16_FLOPS, HOST_MFU, HOST_SEQ_LEN = 8, 989e12, 0.40, 4096
+HOST_HARDWARE, HOST_MFU, HOST_SEQ_LEN = "h100", 0.40, 4096
 HOST_FORMULA = ("8 GPUs x 989e12 bf16 dense FLOP/s x MFU 0.40 / (6 x params + 12 x layers x "
-                "d_model x seq) FLOPs per token; params = the matmul weights (perf.matmul_params: "
-                "all but the input embedding); Llama-2-7B GQA-8, seq 4096")
+                "d_model x seq) FLOPs per token (the planner's plan.HARDWARE['h100'] and "
+                "plan.flops_per_token; params = the 5.80B matmul weights, all but the input "
+                "embedding); Llama-2-7B GQA-8, seq 4096")
 
 
 def host_tokens_per_s(config: ModelConfig = LLAMA2_7B_GQA8, seq_len: int = HOST_SEQ_LEN,
-                      gpus: int = HOST_GPUS, peak_flops: float = H100_BF16_FLOPS,
-                      mfu: float = HOST_MFU) -> float:
-    """Training tokens per second one host consumes (HOST_FORMULA):
+                      hardware: str = HOST_HARDWARE, mfu: float = HOST_MFU) -> float:
+    """Training tokens per second one host consumes, by the planner's figures (HOST_FORMULA):
 
-        gpus x peak_flops x mfu / (6 x params + 12 x layers x d_model x seq_len)
+        chips_per_host x bf16_flops x mfu / (6 x params + 12 x layers x d_model x seq_len)
 
-    params: perf.matmul_params(config) (5.80B for Llama-2-7B GQA-8: the input embedding is a
-    gather; the output head is a matmul). The second term is attention's q.k and p.v (PaLM,
-    appendix B), d_model = heads x head_dim here. Llama-2-7B GQA-8 at seq 4096: ~76.7k tokens/s.
-    (gqa_uptrain/plan.py's flops_per_token, written meanwhile, follows the same convention.)"""
-    flops_per_token = (6 * perf.matmul_params(config) +
-                       12 * config.num_layers * config.d_model * seq_len)
-    return gpus * peak_flops * mfu / flops_per_token
+    with plan.HARDWARE[hardware] (H100: 8 chips of 989e12 dense bf16 FLOP/s) and
+    plan.flops_per_token (params: the non-embedding matmul weights plus the output head, 5.80B for
+    Llama-2-7B GQA-8; the second term is attention's q.k and p.v, PaLM appendix B; d_model =
+    heads x head_dim here). Llama-2-7B GQA-8 at seq 4096: ~76.7k tokens/s."""
+    chip = plan.HARDWARE[hardware]
+    return chip.chips_per_host * chip.bf16_flops * mfu / plan.flops_per_token(config, seq_len)
 
 
 def default_cache_dir() -> str:
