@@ -49,6 +49,10 @@ def get_config(arg=None):
     c.num_kv_heads = -1
     c.convert_method = "mean"  # pooling.METHODS
     c.convert_seed = 0  # for convert_method='random'
+    # Off here as in configs/uptrain.py, which explains them: restore init_checkpoint's optimizer
+    # state (the same model continued), and distillation from a teacher (weight 0 = none).
+    c.init_optimizer_state = False
+    c.distill = ml_collections.ConfigDict(dict(weight=0.0, temperature=1.0, teacher=""))
 
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=257,  # byte tokenizer: 256 bytes + BOS

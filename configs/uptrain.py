@@ -30,7 +30,8 @@ from gqa_uptrain.config_args import parse_config_arg
 
 
 def get_config(arg=None):
-    args = parse_config_arg(arg, num_kv_heads=-1, method="mean", smoke=False)
+    args = parse_config_arg(arg, num_kv_heads=-1, method="mean", smoke=False,
+                            **{name: False for name in POD_PRESETS})
     c = ml_collections.ConfigDict()
     c.seed = 1  # batch order; differs from pretraining's 0 so uptraining does not replay its batches
 
@@ -39,6 +40,26 @@ def get_config(arg=None):
     c.convert_method = args["method"]
     c.convert_seed = 0
     c.model = None  # the architecture comes from init_checkpoint
+    # The optimizer of a converted model starts fresh (see c.optimizer); True restores the init
+    # checkpoint's Adam state instead, for continuing the *same* model (the MHA reference run of
+    # experiments/, at pretraining's final rate) and nothing else: the trainer refuses it with a
+    # conversion or a source without optimizer state.
+    c.init_optimizer_state = False
+
+    # Distillation from the model before conversion (Ainslie et al. uptrain on the LM loss only:
+    # off by default, so the default run is the paper's recipe).
+    c.distill = ml_collections.ConfigDict(dict(
+        # lambda in (1 - lambda) CE + lambda T^2 KL(teacher || student); 0 = off, no teacher built.
+        # 0.5 is the usual starting point when turning it on (Hinton et al. 2015 weigh the two
+        # terms alike once the T^2 factor has made their gradients comparable).
+        weight=0.0,
+        # T = 1: the teacher's own distribution. The pooled student starts close to its teacher, so
+        # the distribution itself, not a softened one, is what it lost; higher T stresses the
+        # teacher's small probabilities (the T^2 factor keeps the term's scale).
+        temperature=1.0,
+        # '' = init_checkpoint before pooling: the MHA this GQA model was converted from. A path
+        # when init_checkpoint is already converted (the suite's runs: pass the MHA's workdir).
+        teacher=""))
 
     # The same data as pretraining (config_blocks.data_block), the same val_fraction included, so
     # the validation split stays unseen.
@@ -83,4 +104,49 @@ def get_config(arg=None):
         c.eval_batches = 2
         c.final_eval_batches = 4
         c.checkpoint_every = 5
+    for name, mesh in POD_PRESETS.items():
+        if args[name]:
+            _llama2_7b_gqa8(c, **mesh)
     return c
+
+
+# Uptraining Llama-2-7B (MHA, 32 heads) to GQA-8 on one pod slice: the mesh of each preset, and the
+# sequences per device of one micro-batch (python -m gqa_uptrain.plan shows the memory they take).
+POD_PRESETS = {
+    "llama2_7b_gqa8_h100x8": dict(mesh=(1, 8, 1), seqs_per_device=4, remat="full"),
+    "llama2_7b_gqa8_v5e64": dict(mesh=(1, 64, 1), seqs_per_device=1, remat="full"),
+}
+
+
+def _llama2_7b_gqa8(c, *, mesh, seqs_per_device, remat):
+    """The paper's recipe at Llama-2-7B scale. Set --config.init_checkpoint=PATH/Llama-2-7b-hf and
+    the data (config.data: a token store of the pretraining-like corpus, data.py); plan it first
+    with python -m gqa_uptrain.plan --config=configs/uptrain.py:PRESET --model=llama2_7b
+    --hardware=h100|v5e."""
+    data, fsdp, tensor = mesh
+    devices = data * fsdp * tensor
+    c.num_kv_heads = 8  # GQA-8, the paper's headline (Ainslie et al. 2023, Table 1)
+    c.convert_method = "mean"
+    c.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+    # ZeRO-3 over every chip: 6.7B params' float32 weights + Adam moments are ~80 GB, too much for
+    # one H100 (or 16 v5e chips) unless split; fsdp splits them with the batch.
+    c.data.seq_len = 4096  # Llama-2's context length
+    c.remat = remat  # 'full': the block inputs only; 'dots' keeps ~1.6 GiB/layer at 4 x 4096
+    # 1M tokens per optimizer step (Llama-2 pretrained with 4M): accumulation to 256 sequences.
+    micro = devices * seqs_per_device
+    c.grad_accum_steps = max(256 // micro, 1)
+    c.batch_size = micro * c.grad_accum_steps
+    tokens_per_step = c.batch_size * c.data.seq_len
+    # The paper's alpha = 0.05 of pretraining: Llama-2-7B was pretrained on 2.0T tokens (Touvron et
+    # al. 2023), so 100B tokens; a Hugging Face source records no steps, hence num_steps here.
+    c.alpha = 0.05
+    c.num_steps = int(round(c.alpha * 2.0e12 / tokens_per_step))
+    # Llama-2's final pretraining rate (10% of its 3e-4 peak): the converted model sits at the end
+    # of pretraining, and re-warming far above it undoes part of it (the CPU runs' lesson: a 1e-3
+    # re-warm left the MHA reference worse than its source). 2000 warmup steps for the fresh Adam
+    # moments (~2% of the run), cosine to a tenth.
+    c.optimizer.update(learning_rate=3e-5, warmup_steps=2000, schedule="cosine")
+    # Bounded evaluation: 4 batches (4M tokens) every 1000 steps, 16 batches (17M tokens) at the
+    # end; the whole validation split of a 50B-token corpus would be ~1B tokens.
+    c.update(log_every=10, eval_every=1000, eval_batches=4, final_eval_batches=16,
+             checkpoint_every=500, keep_checkpoints=2)

@@ -4,6 +4,7 @@
     python -m gqa_uptrain.bench train   [--quick]  training step tokens/s and MFU vs transformers
     python -m gqa_uptrain.bench convert [--quick]  HF -> HF converter vs a plain copy: time, memory
     python -m gqa_uptrain.bench kernels [--quick] [--sweep-blocks]  Pallas attention kernels
+    python -m gqa_uptrain.bench data    [--quick]  preparing and loading tokens vs what they feed
 
 Every subcommand prints a readable (Markdown) table and, as its LAST line, one JSON object of
 headline figures (gqa_uptrain/benchmarks/<name>.py documents its keys). decode, train and convert
@@ -23,10 +24,10 @@ import sys
 from typing import Any, Callable
 
 from gqa_uptrain import cpu
-from gqa_uptrain.benchmarks import convert, decode, kernels, train
+from gqa_uptrain.benchmarks import convert, data, decode, kernels, train
 from gqa_uptrain.benchmarks.common import BenchError
 
-_MODULES = (decode, train, convert, kernels)
+_MODULES = (decode, train, convert, kernels, data)
 # name -> (add_arguments(parser), run(args) -> headline dict)
 SUBCOMMANDS: dict[str, tuple[Callable, Callable]] = {
     module.__name__.rsplit(".", 1)[1]: (module.add_arguments, module.run) for module in _MODULES

@@ -38,6 +38,8 @@ def data_block(*, tokenizer: str, **overrides: Any) -> ml_collections.ConfigDict
         tokenizer=tokenizer,
         seq_len=256,
         cache_dir="",  # the token stores (data.py); '' = WORKDIR/data_cache
+        streaming=True,  # 'files' / 'hf': read through `datasets` streaming (no Arrow copy)
+        prefetch=2,  # batches read ahead on a background thread (prefetch.py); 0 = off
     ), overrides, "data_block"))
 
 

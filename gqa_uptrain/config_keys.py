@@ -21,6 +21,14 @@ DESCRIPTIONS: dict[str, str] = {
     "convert_method": "how K/V heads are pooled when num_kv_heads pools: mean | first | random | "
                       "mean_normed",
     "convert_seed": "seed of convert_method='random'",
+    "init_optimizer_state": "restore init_checkpoint's optimizer state (Adam moments and count) "
+                            "with its params: this project's checkpoint of the same model, no "
+                            "conversion (num_kv_heads=-1); the schedule still starts at step 0",
+    "distill.weight": "lambda in loss = (1 - lambda) cross-entropy + lambda T^2 KL(teacher || "
+                      "student) (train_step.Distill); 0 = no distillation, no teacher read or run",
+    "distill.temperature": "T, the temperature of both softmaxes in the KL term",
+    "distill.teacher": "the teacher: '' = init_checkpoint before pooling, else a checkpoint, "
+                       "workdir or Hugging Face folder of the same vocabulary",
     "model": "the architecture for training from scratch; None = it comes from init_checkpoint",
     "model.vocab_size": "token ids the model embeds (257 for the byte tokenizer: bytes + BOS)",
     "model.d_model": "width of the residual stream",
@@ -48,6 +56,10 @@ DESCRIPTIONS: dict[str, str] = {
     "data.seq_len": "predicted tokens per training and validation window",
     "data.cache_dir": "where the splits' token stores are prepared and read ('' = "
                       "WORKDIR/data_cache; `python -m gqa_uptrain.data prepare` fills it ahead)",
+    "data.streaming": "sources 'files' / 'hf': read the rows through `datasets` streaming (no "
+                      "Arrow copy of the raw data) rather than its Arrow cache; the same store",
+    "data.prefetch": "training batches built ahead on a background thread (0 = off); the "
+                     "batches are the same either way (prefetch.py)",
     # --- length and batch
     "num_steps": "optimizer steps of the run; -1 = alpha x the init checkpoint's training steps",
     "alpha": "uptraining share of the source run's steps, read when num_steps == -1",

@@ -104,17 +104,18 @@ def shard_bytes(shapes: Any, shardings: Any) -> int:
     return total
 
 
-def all_reduce_buffers(hlo_text: str) -> list[tuple[int, str]]:
-    """(bytes, result shape) of every all-reduce in a compiled (per-device) HLO module, largest
+def all_reduce_buffers(hlo_text: str) -> list[tuple[int, tuple[str, ...]]]:
+    """(bytes, result shapes) of every all-reduce in a compiled (per-device) HLO module, largest
     first. A tuple-shaped all-reduce counts as the sum of its elements."""
     out = []
     for line in hlo_text.splitlines():
         m = re.search(r"=\s*(.+?)\s+all-reduce(?:-start)?\(", line)
         if not m:
             continue
+        shapes = _SHAPE.findall(m.group(1))
         total = sum(math.prod(int(d) for d in dims.split(",") if d) * _BYTES[dt]
-                    for dt, dims in _SHAPE.findall(m.group(1)))
-        out.append((total, m.group(1)[:120]))
+                    for dt, dims in shapes)
+        out.append((total, tuple(f"{dt}[{dims}]" for dt, dims in shapes)))
     return sorted(out, reverse=True)
 
 
@@ -171,6 +172,7 @@ class Plan:
     xla_outputs_not_aliased: int
     xla_temporaries: int
     corrections: list[tuple[str, int]]  # (reason, bytes to add: negative = the device needs less)
+    notes: list[str]
     flops_per_token: float
     compile_seconds: float
     attention_on_device: str
@@ -223,7 +225,7 @@ def suggestions(plan: Plan) -> list[str]:
 # ----------------------------------------------------------------------------- building a plan
 
 
-def _model_config(config, model_name: str, num_layers: int = 0):
+def _model_config(config, model_name: str, num_layers: int = 0, pool: bool = True):
     from gqa_uptrain import hf_config, loading  # noqa: PLC0415
     from gqa_uptrain.model import ModelConfig  # noqa: PLC0415
 
@@ -241,7 +243,7 @@ def _model_config(config, model_name: str, num_layers: int = 0):
                                     config.model.num_heads})
     else:
         raise PlanError("no model: set --model, config.init_checkpoint or config.model")
-    if config.num_kv_heads != -1:
+    if pool and config.num_kv_heads != -1:
         mc = mc.replace(num_kv_heads=config.num_kv_heads)
     return mc.replace(num_layers=num_layers) if num_layers else mc
 
@@ -284,10 +286,18 @@ def build_plan(config, hardware: Hardware, model_name: str = "", num_layers: int
         raise PlanError(f"micro-batch {micro} is not divisible by data x fsdp = {data * fsdp}")
     if config.num_steps < 1:
         raise PlanError("config.num_steps must be set (>= 1) to plan a run's cost")
+    distill = None
+    if config.distill.weight:
+        # The teacher: the model before pooling (distill.teacher = '', the default), its params in
+        # the compute dtype (train.py's choice), not trained.
+        teacher = _model_config(config, model_name, num_layers, pool=False).replace(
+            param_dtype=mc.dtype, dtype=mc.dtype)
+        distill = train_step.Distill(teacher_config=teacher, weight=config.distill.weight,
+                                     temperature=config.distill.temperature)
     setup = train_step.build(mc, mesh, make_schedule(config, config.num_steps), config.optimizer,
                              implementation=config.attention_implementation, remat=config.remat,
                              scan_layers=config.scan_layers,
-                             loss_chunk_size=config.loss_chunk_size)
+                             loss_chunk_size=config.loss_chunk_size, distill=distill)
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = setup.step.lower(*setup.abstract_args(accum, micro, seq)).compile()
@@ -297,15 +307,17 @@ def build_plan(config, hardware: Hardware, model_name: str = "", num_layers: int
     grads = shard_bytes(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, "float32"),
                                      setup.shapes), setup.param_sh)
     opt = shard_bytes(setup.opt_shapes, setup.opt_sh)
+    teacher = 0 if distill is None else shard_bytes(setup.teacher_shapes, setup.teacher_sh)
 
-    corrections = []
+    corrections, notes = [], []
     reductions = all_reduce_buffers(compiled.as_text())
     if reductions and fsdp * data > 1:
-        biggest, shape = reductions[0]
+        biggest, shapes = reductions[0]
         shard = biggest // (data * fsdp)
-        corrections.append((f"XLA:CPU emits no reduce-scatter: its largest all-reduce ({shape}) "
-                            f"is a full buffer where a device reduce-scatters to 1/{data * fsdp}",
-                            -(biggest - shard)))
+        what = shapes[0] + (f" and {len(shapes) - 1} more arrays" if len(shapes) > 1 else "")
+        corrections.append((f"XLA:CPU emits no reduce-scatter: its largest all-reduce "
+                            f"({biggest / GIB:.2f} GiB: {what}) is a full buffer where a device "
+                            f"reduce-scatters to 1/{data * fsdp}", -(biggest - shard)))
     call = attention.Call(mode="train", platform=hardware.platform, kv_layout="bskd",
                           dtype=mc.dtype, head_dim=mc.head_dim, seq_q=seq, segment_ids=True)
     on_device = attention.select(config.attention_implementation, call)
@@ -320,16 +332,23 @@ def build_plan(config, hardware: Hardware, model_name: str = "", num_layers: int
                             f"one layer's per-device shape [{b}, {t}, {n} heads, {k} KV heads] "
                             f"needs {measured / GIB:.2f} GiB of temporaries (compiled alone)",
                             -measured))
+        if devices > 1 and hardware.platform == "tpu":
+            notes.append("the TPU flash kernel is not yet wrapped in shard_map, so today the "
+                         "sharded step does not lower for TPU (across hosts, part 2); this plan "
+                         "assumes it is")
     else:
         corrections.append((f"none for attention: the device's 'auto' attention is "
                             f"{on_device!r}, which materialises the scores as XLA:CPU does", 0))
     return Plan(hardware=hardware, mesh=dict(mesh.shape), model=mc.to_dict(), micro_batch=micro,
                 grad_accum_steps=accum, seq_len=seq, num_steps=config.num_steps,
-                params_bytes=params, grads_bytes=grads, opt_bytes=opt, teacher_bytes=0,
+                params_bytes=params, grads_bytes=grads, opt_bytes=opt, teacher_bytes=teacher,
                 xla_arguments=mem.argument_size_in_bytes,
                 xla_outputs_not_aliased=mem.output_size_in_bytes - mem.alias_size_in_bytes,
-                xla_temporaries=mem.temp_size_in_bytes, corrections=corrections,
-                flops_per_token=flops_per_token(mc, seq), compile_seconds=seconds,
+                xla_temporaries=mem.temp_size_in_bytes, corrections=corrections, notes=notes,
+                # The teacher's forward: a third of its training FLOPs (no backward).
+                flops_per_token=flops_per_token(mc, seq) + (
+                    flops_per_token(distill.teacher_config, seq) / 3 if distill else 0.0),
+                compile_seconds=seconds,
                 attention_on_device=on_device, remat=config.remat,
                 compiled_on=jax.default_backend())
 
@@ -356,9 +375,10 @@ def report(plan: Plan, mfu: float) -> str:
         f"  parameters (exact, from the shardings)   {g(plan.params_bytes)}",
         f"  optimizer state (float32, exact)         {g(plan.opt_bytes)}",
         f"  gradients (float32, exact; inside XLA's temporaries) {g(plan.grads_bytes)}",
-        f"  teacher                                  {g(plan.teacher_bytes)}"
+        f"  teacher (exact; inside XLA's arguments)  {g(plan.teacher_bytes)}"
         + ("" if plan.teacher_bytes else "  (none configured)"),
-        f"  {xla} arguments (params, optimizer state, batch) {g(plan.xla_arguments)}",
+        f"  {xla} arguments (params, optimizer state, batch, teacher) "
+        f"{g(plan.xla_arguments)}",
         f"  {xla} outputs not aliased to inputs    {g(plan.xla_outputs_not_aliased)}",
         f"  {xla} temporaries                      {g(plan.xla_temporaries)}",
         f"  {xla} total (raw, measured)            {g(plan.raw_total)}",
@@ -373,11 +393,14 @@ def report(plan: Plan, mfu: float) -> str:
                  f"({raw_room / GIB:+.2f} GiB by the raw figure)")
     for s in suggestions(plan):
         lines.append(f"  knob: {s}")
+    for note in plan.notes:
+        lines.append(f"  note: {note}")
     step_s = plan.step_seconds(mfu)
     tokens = plan.num_steps * plan.tokens_per_step
     lines += [
         "",
-        f"FLOPs: {plan.flops_per_token / 1e9:.2f} GFLOP per token (6 N + 12 L H d T), "
+        f"FLOPs: {plan.flops_per_token / 1e9:.2f} GFLOP per token (6 N + 12 L H d T"
+        f"{', plus the teacher forward' if plan.teacher_bytes else ''}), "
         f"{plan.flops_per_token * plan.tokens_per_step / 1e15:.1f} PFLOP per step",
         f"at MFU {mfu:.0%}: {step_s:.2f} s per step, "
         f"{plan.tokens_per_step / step_s * 86400 / 1e9:.2f}B tokens per day",

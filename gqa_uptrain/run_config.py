@@ -31,12 +31,19 @@ CHANGES_FILE = "config_changes.jsonl"  # accepted config changes on resume, one 
 # Config keys (and sub-configs) that may change between a run and its resume: they change the
 # cadence or the output of a run, or where it runs, never what the params become.
 RESUMABLE_CHANGES = ("mesh", "progress_bar", "log_every", "eval_every", "checkpoint_every",
-                     "keep_checkpoints")
+                     "keep_checkpoints", "data.prefetch")
 # Keys that set the run's length: accepted under the schedule rule (module docstring).
 LENGTH_KEYS = ("num_steps", "alpha")
 # Saved beside the config keys (not a config key: nothing can set it), so that a run saved under
 # another schedule version is refused on resume rather than continued with different rates.
 SCHEDULE_VERSION_KEY = "schedule_version"
+
+
+def _resumable(key: str) -> bool:
+    """A key (dotted) that RESUMABLE_CHANGES or LENGTH_KEYS name, itself or a parent of it."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in RESUMABLE_CHANGES + LENGTH_KEYS
+               for i in range(1, len(parts) + 1))
 
 
 class TrainError(ValueError):
@@ -141,7 +148,7 @@ def check_resume_config(config, workdir: str, run: dict[str, Any], step: int) ->
     current = config_dict(config)
     diff = config_diff(saved, current)
     refused = {k: v for k, v in diff.items()
-               if k.split(".")[0] not in RESUMABLE_CHANGES + LENGTH_KEYS}
+               if not _resumable(k)}
     if refused:
         raise TrainError(f"{workdir} holds a run with a different config (key: (saved, now)) "
                          f"{refused}; only {', '.join(RESUMABLE_CHANGES)} may change on resume "

@@ -10,7 +10,8 @@ Initialisation, in this order (train_and_evaluate, _new_run):
      below ("Resume with a changed config"), else an error.
   2. config.init_checkpoint: a checkpoint or workdir of this project, or a Hugging Face folder;
      its K/V heads are pooled to config.num_kv_heads on the fly (loading.convert; -1 keeps
-     the source's heads); the optimizer starts fresh.
+     the source's heads); the optimizer starts fresh, or, with config.init_optimizer_state, from
+     the checkpoint's own (the same model: no conversion; train_step.StepSetup.continue_state).
   3. scratch: config.model, initialised from config.seed.
 
 Exact resume: the batch of step s is a pure function of (config.seed, s) (data.py), params and the
@@ -54,6 +55,7 @@ from gqa_uptrain import (checkpoints, config_keys, data, evaluate, loading, loss
 from gqa_uptrain import train_step as train_step_lib
 from gqa_uptrain.metrics_log import MetricsLog
 from gqa_uptrain.model import ModelConfig
+from gqa_uptrain.prefetch import BatchPrefetcher
 from gqa_uptrain.run_config import (CONFIG_FILE, RUN_FILE, TrainError,
                                     check_resume_config, config_dict, is_main, log,
                                     make_schedule, num_steps_of, sync, write_json_atomic)
@@ -82,20 +84,78 @@ def _load_init_checkpoint(config) -> tuple[dict[str, Any], ModelConfig, dict[str
     tokenizer = None
     if config.data.tokenizer == "auto":
         tokenizer = source.require_tokenizer("--config.data.tokenizer=PATH/tokenizer.json")
+    teacher = _distill_teacher(config, source)
+    init = ({"hf_folder": source.path} if source.format == "hf" else
+            {"gguf_file": source.path} if source.format == "gguf" else
+            {"checkpoint": source.path, "checkpoint_step": source.step})
+    info = {"init": init, "source_step": source.source_step, "auto_tokenizer": tokenizer,
+            "distill_teacher": teacher}
+    if config.init_optimizer_state:
+        # The same model continued with its own Adam state: params and optimizer state are both
+        # restored from the checkpoint in the state set-up (_train_and_evaluate), read once.
+        _check_init_optimizer_state(config, source)
+        init["optimizer_state"] = True
+        return None, source.config.replace(param_dtype=config.param_dtype), info
     # Cast to the run's master-weight dtype before pooling (precision.py): the mean of fp16
     # heads is taken in float32.
     params, model_config, source = loading.load(source, param_dtype=config.param_dtype)
     params = {k: np.asarray(v) for k, v in params.items()}
-    init = ({"hf_folder": source.path} if source.format == "hf" else
-            {"gguf_file": source.path} if source.format == "gguf" else
-            {"checkpoint": source.path, "checkpoint_step": source.step})
     if config.num_kv_heads != -1:  # also when equal: method='random' then re-draws K/V
         params, model_config, record = loading.convert(
             params, model_config, config.num_kv_heads, config.convert_method,
             seed=config.convert_seed)
         init["converted"] = record
-    return params, model_config, {"init": init, "source_step": source.source_step,
-                                  "auto_tokenizer": tokenizer}
+    return params, model_config, info
+
+
+def _check_init_optimizer_state(config, source: loading.Source) -> None:
+    """TrainError, in one line and before any array is read, unless config.init_optimizer_state
+    can restore the init checkpoint's optimizer state: this project's checkpoint, of the same
+    model (no conversion), holding one."""
+    key = "config.init_optimizer_state=True"
+    if source.format != "checkpoint":
+        raise TrainError(f"{key} restores this project's optimizer state, but "
+                         f"config.init_checkpoint={source.path} is a {source.format} source "
+                         "(no optimizer state); set config.init_optimizer_state=False")
+    if config.num_kv_heads != -1:
+        raise TrainError(f"{key} continues the same model, but config.num_kv_heads="
+                         f"{config.num_kv_heads} converts it (the moments of pooled K/V heads do "
+                         "not exist); set config.num_kv_heads=-1 or init_optimizer_state=False")
+    if not os.path.isdir(os.path.join(source.path, "opt_state")):
+        raise TrainError(f"{key}: {source.path} holds no optimizer state (a converted or "
+                         "exported checkpoint?); set config.init_optimizer_state=False")
+
+
+def _distill_teacher(config, init_source: loading.Source | None) -> dict[str, Any] | None:
+    """The distillation teacher to record in run.json (re-read from it on resume), or None when
+    config.distill.weight is 0: {'path': resolved, 'format', 'step'} of config.distill.teacher, or
+    of the init checkpoint before pooling when it is ''. TrainError (one line) when there is none."""
+    d = config.distill
+    if d.weight == 0:
+        return None  # no teacher is built or read (distill.teacher is not even looked at)
+    if not 0 < d.weight <= 1 or not d.temperature > 0:
+        raise TrainError(f"config.distill.weight={d.weight} must be in [0, 1] and "
+                         f"config.distill.temperature={d.temperature} > 0")
+    if d.teacher:
+        source = loading.inspect(d.teacher, "config.distill.teacher")
+    elif init_source is None:
+        raise TrainError("config.distill.teacher='' means the init checkpoint before pooling, "
+                         "but config.init_checkpoint is empty; set config.distill.teacher=PATH")
+    elif config.num_kv_heads == -1:
+        raise TrainError("config.distill.teacher='' means the init checkpoint before pooling, but "
+                         "this run pools nothing (num_kv_heads=-1), so the teacher would be the "
+                         "student; set config.distill.teacher=PATH (e.g. the MHA the init "
+                         "checkpoint was converted from)")
+    else:
+        source = init_source
+    student_vocab = (init_source.config.vocab_size if init_source is not None
+                     else config.model.vocab_size)
+    if source.config.vocab_size != student_vocab:
+        raise TrainError(f"config.distill.teacher {source.path} has vocab_size="
+                         f"{source.config.vocab_size}, the student {student_vocab}: the KL term "
+                         "needs one vocabulary (the same tokenizer)")
+    return {"path": source.path, "format": source.format, "step": source.step,
+            "model_config": source.config.to_dict()}
 
 
 def scratch_model_config(config) -> ModelConfig:
@@ -128,8 +188,12 @@ def _new_run(config) -> tuple[dict[str, Any] | None, dict[str, Any]]:
                              "--config.init_checkpoint=PATH (a checkpoint, workdir or Hugging "
                              "Face folder) or train from scratch with a config.model")
         model_config = scratch_model_config(config)
+        if config.init_optimizer_state:
+            raise TrainError("config.init_optimizer_state=True restores the optimizer state of "
+                             "config.init_checkpoint, which is empty")
         params, info = None, {"init": {"scratch_seed": config.seed}, "source_step": None,
-                              "auto_tokenizer": None}
+                              "auto_tokenizer": None,
+                              "distill_teacher": _distill_teacher(config, None)}
     model_config = precision.apply(model_config, config.param_dtype, config.compute_dtype,
                                    platform)
     num_steps = num_steps_of(config, info["source_step"],
@@ -141,7 +205,31 @@ def _new_run(config) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         tokenizer = os.path.abspath(tokenizer)
     run = {"num_steps": num_steps, "source_step": info["source_step"], "init": info["init"],
            "tokenizer": tokenizer, "model_config": model_config.to_dict()}
+    if info["distill_teacher"] is not None:
+        run["distill_teacher"] = info["distill_teacher"]
     return params, run
+
+
+def _distill(config, run: dict[str, Any], model_config: ModelConfig
+             ) -> tuple[train_step_lib.Distill | None, loading.Source | None]:
+    """The step's distillation term and the teacher's source, from run.json's record (so a
+    resumed run re-reads the teacher it started with); (None, None) without distillation. The
+    teacher's params are kept in the run's compute dtype: the model casts every param to it
+    before use (model.py), so its outputs are those of float32 storage, at half the memory when
+    the compute dtype is bfloat16."""
+    teacher = run.get("distill_teacher")  # absent: a run without distillation
+    if teacher is None:
+        return None, None
+    source = loading.inspect(teacher["path"], "the distillation teacher recorded in run.json")
+    now = json.loads(json.dumps(source.config.to_dict()))  # as run.json holds it
+    if source.step != teacher["step"] or now != teacher["model_config"]:
+        raise TrainError(f"the distillation teacher {teacher['path']} changed since this run "
+                         f"started (step {teacher['step']} -> {source.step}); resuming would not "
+                         "reproduce the run")
+    compute = model_config.dtype
+    teacher_config = source.config.replace(param_dtype=compute, dtype=compute)
+    return train_step_lib.Distill(teacher_config=teacher_config, weight=config.distill.weight,
+                                  temperature=config.distill.temperature), source
 
 
 def _load_data(spec: data.DataSpec, tokenizer, workdir: str, resumed: bool, need_val: bool):
@@ -238,10 +326,11 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
         raise TrainError(f"micro-batch {micro} (batch_size / grad_accum_steps) is not divisible "
                          f"by the data x fsdp mesh size {sharding.batch_divisor(mesh)}")
     schedule = make_schedule(config, num_steps)
+    distill, teacher_source = _distill(config, run, model_config)
     setup = train_step_lib.build(
         model_config, mesh, schedule, config.optimizer,
         implementation=config.attention_implementation, remat=config.remat,
-        scan_layers=config.scan_layers, loss_chunk_size=config.loss_chunk_size)
+        scan_layers=config.scan_layers, loss_chunk_size=config.loss_chunk_size, distill=distill)
     repl, batch_sh, train_step = setup.repl, setup.batch_sh, setup.step
 
     # --- state (checkpoints hold the per-layer layout: setup.to_disk / from_disk).
@@ -252,6 +341,14 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
         params, opt_state = setup.from_disk(params, opt_state)
         start_step = meta.step
         log(f"resumed from {latest} (step {start_step} of {num_steps})")
+    elif run["init"].get("optimizer_state"):  # config.init_optimizer_state: the same model
+        params, _, opt_state = checkpoints.restore(
+            run["init"]["checkpoint"], opt_state_target=setup.disk_opt_target(),
+            param_shardings=setup.disk_sh)
+        params, opt_state = setup.continue_state(params, opt_state)
+        start_step = 0
+        log(f"new run: {json.dumps(run['init'])} (its optimizer state restored, the schedule "
+            f"indexed from step 0); {num_steps} steps")
     else:
         if host_params is None:
             params = setup.scratch_params(config.seed)
@@ -261,6 +358,16 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
         start_step = 0
         log(f"new run: {json.dumps(run['init'])}; {num_steps} steps")
     del host_params
+    # The teacher is re-read from its recorded source at every start, new or resumed (_distill).
+    teacher_args = ()
+    if distill is not None:
+        teacher_host, _, _ = loading.load(teacher_source, param_dtype=distill.teacher_config.dtype)
+        teacher_args = (setup.put_teacher_params({k: np.asarray(v)
+                                                  for k, v in teacher_host.items()}),)
+        del teacher_host
+        log(f"distillation: weight {distill.weight}, temperature {distill.temperature}, teacher "
+            f"{teacher_source.path} ({distill.teacher_config.num_kv_heads} KV heads, "
+            f"{distill.teacher_config.param_dtype})")
     num_params = sum(int(np.prod(x.shape)) for x in setup.shapes.values())
     tokens_per_step = batch_size * seq_len
     log(f"model {model_config.to_dict()}: {num_params:,} params ({model_config.param_dtype} "
@@ -284,13 +391,17 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
         return {"val/loss": result["loss"], "val/perplexity": result["perplexity"],
                 "val/tokens": result["tokens"]}
 
-    def make_batch(step: int) -> dict[str, jax.Array]:
-        def rows_fn(rows):
-            ids = data.train_window_ids(config.seed, step, batch_size, num_windows, rows)
-            return data.window_rows(train_stream, ids, seq_len)
+    def host_rows(step: int, rows: np.ndarray) -> dict[str, np.ndarray]:
+        ids = data.train_window_ids(config.seed, step, batch_size, num_windows, rows)
+        return data.window_rows(train_stream, ids, seq_len)
 
-        return sharding.make_global_batch((accum, micro, seq_len), batch_sh, rows_fn,
-                                          data.BATCH_KEYS)
+    # The next data.prefetch steps' rows are read on a background thread (prefetch.py).
+    batches = BatchPrefetcher(host_rows, lambda rows_fn: sharding.make_global_batch(
+        (accum, micro, seq_len), batch_sh, rows_fn, data.BATCH_KEYS), config.data.prefetch,
+        stop_step=num_steps)
+
+    def make_batch(step: int) -> dict[str, jax.Array]:
+        return batches.batch(step)
 
     def save(step: int) -> None:
         meta = checkpoints.Meta(
@@ -331,7 +442,8 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
                     final = {"stopped_by": stop.received, "step": step}
                     break
                 batch = make_batch(step)
-                params, opt_state, step_metrics = train_step(params, opt_state, batch)
+                params, opt_state, step_metrics = train_step(params, opt_state, batch,
+                                                             *teacher_args)
                 s = step + 1
                 if pending is not None:  # the previous step's, while this one runs
                     _check_finite(*pending, workdir)
@@ -360,6 +472,8 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
                                    "train/lr": float(schedule(step)),
                                    "train/tokens_per_s": tokens_per_s,
                                    "train/tokens": s * tokens_per_step})
+                    if distill is not None:  # loss = (1 - weight) ce + weight T^2 kl
+                        record.update({"train/ce": values["ce"], "train/kl": values["kl"]})
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                                     refresh=False)
                 if do_eval:

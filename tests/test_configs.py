@@ -37,7 +37,7 @@ def test_uptraining_shares_pretrainings_data_optimizer_and_output_blocks(arg):
     for key in ("batch_size", "grad_accum_steps", "remat", "attention_implementation",
                 "param_dtype", "compute_dtype", "scan_layers", "loss_chunk_size",
                 "eval_batches", "final_eval_batches", "keep_checkpoints", "progress_bar",
-                "init_checkpoint", "convert_seed"):
+                "init_checkpoint", "convert_seed", "init_optimizer_state", "distill"):
         assert pre[key] == up[key], key
 
 
@@ -46,7 +46,7 @@ def test_the_values_each_variant_documents():
     assert pre["data"] == {
         "source": "stdlib", "path": "", "val_path": "", "hf_name": "", "hf_config": "",
         "train_split": "train", "val_split": "", "text_field": "text", "val_fraction": 0.02,
-        "tokenizer": "byte", "seq_len": 256, "cache_dir": ""}
+        "tokenizer": "byte", "seq_len": 256, "cache_dir": "", "streaming": True, "prefetch": 2}
     assert pre["optimizer"] == {
         "learning_rate": 3e-3, "schedule": "cosine", "warmup_steps": 30, "decay_fraction": 0.2,
         "min_lr_ratio": 0.1, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.1,

@@ -70,8 +70,7 @@ def test_all_reduce_buffers_reads_tuple_and_array_results():
         "  %b = (f32[8]{0}, bf16[2,2]{1,0}) all-reduce-start(%y, %z), to_apply=%add",
         "  %c = f32[1024]{0} add(%p, %q)",
     ])
-    assert plan.all_reduce_buffers(hlo) == [(256, "f32[16,4]{1,0}"),
-                                             (40, "(f32[8]{0}, bf16[2,2]{1,0})")]
+    assert plan.all_reduce_buffers(hlo) == [(256, ("f32[16,4]",)), (40, ("f32[8]", "bf16[2,2]"))]
 
 
 def _plan_cmd(*args):

@@ -206,13 +206,15 @@ def test_resume_accepts_cadence_changes_and_a_length_that_keeps_the_schedule(tmp
     extended = str(tmp_path / "extended")
     train.train_and_evaluate(_constant(num_steps=4), extended)
     final = train.train_and_evaluate(_constant(num_steps=6, log_every=2, checkpoint_every=3,
-                                               keep_checkpoints=3), extended)
+                                               keep_checkpoints=3, **{"data.prefetch": 0}),
+                                     extended)
     assert final["step"] == 6
     with open(os.path.join(extended, run_config.CHANGES_FILE)) as f:
         [record] = [json.loads(line) for line in f]
     assert record["step"] == 4
     assert record["changes"] == {"checkpoint_every": [2, 3], "keep_checkpoints": [2, 3],
-                                 "log_every": [1, 2], "num_steps": [4, 6]}
+                                 "log_every": [1, 2], "num_steps": [4, 6],
+                                 "data.prefetch": [2, 0]}
     with open(os.path.join(extended, train.RUN_FILE)) as f:
         assert json.load(f)["num_steps"] == 6
     # The extended run is the run that num_steps=6 makes from the start, bit for bit.
