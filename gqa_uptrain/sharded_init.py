@@ -27,6 +27,7 @@ rounding of the norms). Methods that need calibration (merging.py) are host-only
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -36,36 +37,46 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_uptrain import checkpoints, hf, heads, pooling, sharding
-from gqa_uptrain.model import ModelConfig, abstract_params, check_params_match
+from gqa_uptrain.model import ModelConfig, abstract_params
 
 POOLING_ON_DEVICE = ("mean", "first", "random", "mean_normed")
 
 
-def hf_views(folder: str) -> dict[str, np.ndarray]:
-    """{project name: read-only memory-mapped view in the project's layout} of an HF folder's
-    tensors (the same checks as hf.load_hf_model; nothing is read but headers)."""
+def hf_views(folder: str) -> dict[str, Any]:
+    """{project name: a function returning a read-only memory-mapped view of that tensor in the
+    project's layout} of an HF folder (the same checks as hf.load_hf_model; nothing is read but
+    headers). A view is opened when its tensor is placed and dropped right after, so the pages a
+    process maps stay one tensor's slices at a time (they count in its resident size)."""
     hf_config = hf.read_hf_config(folder)
     layout = hf.hf_layout(hf_config)
     tensors, _, _ = hf.weight_tensors(folder)
     hf.check_tensors(tensors, layout)
     table = {t.hf: t for t in layout.tensors()}
-    views = {}
-    for name, info in tensors.items():
-        if name not in table:
-            continue  # rotary buffers, a tied lm_head.weight (as load_hf_model drops them)
-        t = table[name]
-        raw = np.memmap(info.path, dtype=hf.numpy_dtype(info.dtype), mode="r",
-                        offset=info.offset, shape=info.shape)
-        views[t.project] = t.row.to_project(raw, layout)
-    return views
+
+    def opener(info, row):
+        def view() -> np.ndarray:
+            raw = np.memmap(info.path, dtype=hf.numpy_dtype(info.dtype), mode="r",
+                            offset=info.offset, shape=info.shape)
+            return row.to_project(raw, layout)
+        return view
+
+    # Not in the table: rotary buffers and a tied lm_head.weight (load_hf_model drops them too).
+    return {table[n].project: opener(info, table[n].row) for n, info in tensors.items()
+            if n in table}
 
 
-def _place(views: dict[str, np.ndarray], shardings: dict[str, Any], dtype) -> dict[str, jax.Array]:
-    def one(view, sh):
-        return jax.make_array_from_callback(
-            view.shape, sh, lambda index: np.asarray(view[index]).astype(dtype))
-
-    return {name: one(views[name], shardings[name]) for name in shardings}
+def _place(views: dict[str, Any], shapes, shardings: dict[str, Any], dtype
+           ) -> dict[str, jax.Array]:
+    out = {}
+    for name, sh in shardings.items():
+        view = views[name]()
+        if tuple(view.shape) != tuple(shapes[name].shape):
+            raise ValueError(f"{name}: the folder's tensor has shape {tuple(view.shape)}, the "
+                             f"config {tuple(shapes[name].shape)}")
+        out[name] = jax.make_array_from_callback(
+            view.shape, sh, lambda index, view=view: np.asarray(view[index]).astype(dtype))
+        del view  # unmaps once the callbacks are done (make_array_from_callback ran them)
+    return out
 
 
 def _cast(params: dict[str, jax.Array], shardings, dtype) -> dict[str, jax.Array]:
@@ -85,8 +96,11 @@ def source_params(source, mesh, param_dtype: str) -> tuple[dict[str, jax.Array],
         return _cast(params, shardings, dtype), config
     if source.format == "hf":
         views = hf_views(source.path)
-        check_params_match(shapes, views, what=f"params of {source.path}")
-        return _place(views, shardings, dtype), config
+        missing, unexpected = sorted(set(shapes) - set(views)), sorted(set(views) - set(shapes))
+        if missing or unexpected:
+            raise ValueError(f"params of {source.path} do not match the model: missing "
+                             f"{missing[:8]}, unexpected {unexpected[:8]}")
+        return _place(views, shapes, shardings, dtype), config
     raise ValueError(f"{source.format} sources are not read per shard (host path: loading.load)")
 
 
@@ -179,3 +193,42 @@ def load(source, mesh, *, param_dtype: str, num_kv_heads: int = -1, method: str 
     params, config = pool_on_device(params, config, num_kv_heads, method, seed, mesh)
     return params, config, record
 
+
+
+@dataclasses.dataclass(frozen=True)
+class Deferred:
+    """An init source the trainer places once its mesh exists (load(...) with these arguments);
+    `config` is the ModelConfig the load will return (known without reading an array)."""
+
+    source: Any  # loading.Source
+    config: ModelConfig
+    param_dtype: str
+    num_kv_heads: int
+    method: str
+    seed: int
+
+    def load(self, mesh) -> dict[str, jax.Array]:
+        params, config, _ = load(self.source, mesh, param_dtype=self.param_dtype,
+                                 num_kv_heads=self.num_kv_heads, method=self.method,
+                                 seed=self.seed)
+        assert config == self.config, (config, self.config)
+        return params
+
+
+def deferred(source, *, param_dtype: str, num_kv_heads: int = -1, method: str = "mean",
+             seed: int = 0) -> tuple[Deferred | None, dict[str, Any] | None]:
+    """(Deferred, conversion record or None) for a source this module reads per shard — a
+    checkpoint or an HF folder, kept or pooled by a POOLING_ON_DEVICE method — else (None, None):
+    the host path (GGUF; the calibrated methods). Checks the head counts now (ValueError), before
+    anything is read."""
+    if source.format not in ("checkpoint", "hf"):
+        return None, None
+    if num_kv_heads != -1 and method not in POOLING_ON_DEVICE:
+        return None, None
+    config = source.config.replace(param_dtype=param_dtype)
+    record = None
+    if num_kv_heads != -1:
+        heads.pool_ratio(config.num_kv_heads, num_kv_heads)
+        record = pooling.conversion_record(method, seed, config.num_kv_heads, num_kv_heads)
+        config = config.replace(num_kv_heads=num_kv_heads)
+    return Deferred(source, config, param_dtype, num_kv_heads, method, seed), record

@@ -50,8 +50,8 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from gqa_uptrain import (checkpoints, config_keys, data, evaluate, loading, losses, precision,
-                         sharding)
+from gqa_uptrain import (checkpoints, config_keys, data, evaluate, layer_stack, loading, losses,
+                         precision, sharded_init, sharding)
 from gqa_uptrain import train_step as train_step_lib
 from gqa_uptrain.metrics_log import MetricsLog
 from gqa_uptrain.model import ModelConfig
@@ -73,9 +73,11 @@ def _data_spec(config, workdir: str) -> data.DataSpec:
     return data.DataSpec.from_dict(d)
 
 
-def _load_init_checkpoint(config) -> tuple[dict[str, Any], ModelConfig, dict[str, Any]]:
-    """(host params, ModelConfig, run info) from config.init_checkpoint (loading.load), converted
-    to config.num_kv_heads when it is not -1 (loading.convert)."""
+def _load_init_checkpoint(config) -> tuple[Any, ModelConfig, dict[str, Any]]:
+    """(params, ModelConfig, run info) from config.init_checkpoint, converted to
+    config.num_kv_heads when it is not -1: a sharded_init.Deferred for what is read per shard
+    (checkpoints, HF folders), host params otherwise (loading.load + loading.convert), None when
+    config.init_optimizer_state restores it with its optimizer state."""
     what = "config.init_checkpoint"
     # data.tokenizer='auto': the source's own tokenizer, looked up before any array is read; none
     # (no tokenizer.json, not a byte-level model trained here) is an error naming the key to set,
@@ -96,6 +98,15 @@ def _load_init_checkpoint(config) -> tuple[dict[str, Any], ModelConfig, dict[str
         _check_init_optimizer_state(config, source)
         init["optimizer_state"] = True
         return None, source.config.replace(param_dtype=config.param_dtype), info
+    # A checkpoint or an HF folder is placed in the state set-up, each process reading only its
+    # devices' slices (sharded_init.py); the rest (GGUF, calibrated methods) on the host.
+    pending, record = sharded_init.deferred(
+        source, param_dtype=config.param_dtype, num_kv_heads=config.num_kv_heads,
+        method=config.convert_method, seed=config.convert_seed)
+    if pending is not None:
+        if record is not None:
+            init["converted"] = record
+        return pending, pending.config, info
     # Cast to the run's master-weight dtype before pooling (precision.py): the mean of fp16
     # heads is taken in float32.
     params, model_config, source = loading.load(source, param_dtype=config.param_dtype)
@@ -208,6 +219,29 @@ def _new_run(config) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     if info["distill_teacher"] is not None:
         run["distill_teacher"] = info["distill_teacher"]
     return params, run
+
+
+def _training_layout(setup: train_step_lib.StepSetup, params: dict[str, jax.Array],
+                     shardings=None, num_layers: int | None = None) -> dict[str, jax.Array]:
+    """Placed per-layer params -> the step's layout (stacked when scan_layers), in `shardings`
+    (default: the step's params')."""
+    if not setup.scan_layers:
+        return params
+    n = num_layers or setup.model_config.num_layers
+    return jax.jit(lambda p: layer_stack.stack(p, n),
+                   out_shardings=shardings or setup.param_sh)(params)
+
+
+def _teacher_params(setup, source: loading.Source, distill, mesh):
+    """The teacher's params in the step's teacher shardings, read per shard where the format
+    allows (sharded_init), else through the host (GGUF)."""
+    dtype = distill.teacher_config.dtype
+    pending, _ = sharded_init.deferred(source, param_dtype=dtype)
+    if pending is None:
+        host, _, _ = loading.load(source, param_dtype=dtype)
+        return setup.put_teacher_params({k: np.asarray(v) for k, v in host.items()})
+    return _training_layout(setup, pending.load(mesh), setup.teacher_sh,
+                            distill.teacher_config.num_layers)
 
 
 def _distill(config, run: dict[str, Any], model_config: ModelConfig
@@ -352,6 +386,8 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
     else:
         if host_params is None:
             params = setup.scratch_params(config.seed)
+        elif isinstance(host_params, sharded_init.Deferred):
+            params = _training_layout(setup, host_params.load(mesh))
         else:
             params = setup.put_host_params(host_params)
         opt_state = setup.init_opt_state(params)
@@ -361,10 +397,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
     # The teacher is re-read from its recorded source at every start, new or resumed (_distill).
     teacher_args = ()
     if distill is not None:
-        teacher_host, _, _ = loading.load(teacher_source, param_dtype=distill.teacher_config.dtype)
-        teacher_args = (setup.put_teacher_params({k: np.asarray(v)
-                                                  for k, v in teacher_host.items()}),)
-        del teacher_host
+        teacher_args = (_teacher_params(setup, teacher_source, distill, mesh),)
         log(f"distillation: weight {distill.weight}, temperature {distill.temperature}, teacher "
             f"{teacher_source.path} ({distill.teacher_config.num_kv_heads} KV heads, "
             f"{distill.teacher_config.param_dtype})")
