@@ -25,8 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 # The corpus and the sampling are the data benchmark's (`python -m gqa_uptrain.bench data` runs the
 # same measurement as one of its targets).
-from gqa_uptrain.benchmarks.data import (memory_env, run_sampled,  # noqa: E402
-                                         write_jsonl_corpus as write_corpus)
+from gqa_uptrain.benchmarks.data import measure_memory  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,45 +48,24 @@ def main(argv=None) -> None:
     out = os.path.abspath(args.output_dir)
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
-    env = memory_env(out)
-    val_path = os.path.join(out, "validation.jsonl")
-    write_corpus(val_path, 200_000, seed=1)
-    rows = []
     try:
-        for size in sizes:
-            folder = os.path.join(out, f"tokens_{size}")
-            os.makedirs(folder)
-            train_path = os.path.join(folder, "train.jsonl")
-            num_tokens = write_corpus(train_path, size, seed=0)
-            config = [f"--config={os.path.join(REPO, 'configs', 'pretrain.py')}:smoke",
-                      "--config.data.source=files", f"--config.data.path={train_path}",
-                      f"--config.data.val_path={val_path}",
-                      f"--config.data.cache_dir={os.path.join(folder, 'cache')}"]
-            prep_peak, prep_s, prep_out = run_sampled(
-                [sys.executable, "-m", "gqa_uptrain.data", "prepare", *config], env)
-            train_peak, train_s, _ = run_sampled(
-                [sys.executable, "-m", "gqa_uptrain.train", *config,
-                 f"--workdir={os.path.join(folder, 'workdir')}", f"--config.num_steps={args.steps}",
-                 "--config.checkpoint_every=0", "--config.progress_bar=False"], env)
-            store_mb = sum(os.path.getsize(os.path.join(d, f))
-                           for d, _, files in os.walk(os.path.join(folder, "cache"))
-                           for f in files if f.endswith(".bin")) / 2**20
-            rows.append((num_tokens, store_mb, prep_s, prep_peak, train_s, train_peak))
-            print(prep_out.strip().splitlines()[0], flush=True)
+        rows = measure_memory(out, tuple(sizes), args.steps)
     finally:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
     print(f"\ntraining: configs/pretrain.py:smoke, {args.steps} steps; RssAnon peaks sampled every "
           "10 ms")
-    print("| train tokens | store (.bin) MB | prepare s | prepare RssAnon MB | train s | "
-          "train RssAnon MB |")
+    print("| train tokens | store (.bin) MiB | prepare s | prepare RssAnon MiB | train s | "
+          "train RssAnon MiB |")
     print("|---:|---:|---:|---:|---:|---:|")
-    for num_tokens, store_mb, prep_s, prep_peak, train_s, train_peak in rows:
-        print(f"| {num_tokens:,} | {store_mb:,.1f} | {prep_s:.1f} | {prep_peak / 2**20:,.1f} | "
-              f"{train_s:.1f} | {train_peak / 2**20:,.1f} |")
+    for r in rows:
+        print(f"| {r['train_tokens']:,} | {r['store_mb']:,.1f} | {r['prepare_s']:.1f} | "
+              f"{r['prepare_rss_anon_mib']:,.1f} | {r['train_s']:.1f} | "
+              f"{r['train_rss_anon_mib']:,.1f} |")
     first, last = rows[0], rows[-1]
-    print(f"train RssAnon peak, {last[0]:,} over {first[0]:,} tokens: {last[5] / first[5]:.3f} "
-          f"(prepare: {last[3] / first[3]:.3f})")
+    print(f"train RssAnon peak, {last['train_tokens']:,} over {first['train_tokens']:,} tokens: "
+          f"{last['train_rss_anon_mib'] / first['train_rss_anon_mib']:.3f} (prepare: "
+          f"{last['prepare_rss_anon_mib'] / first['prepare_rss_anon_mib']:.3f})")
 
 
 if __name__ == "__main__":

@@ -163,3 +163,15 @@ def make_bpe_tokenizer(path: str, vocab_size: int = 320) -> str:
         single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     tok.save(path)
     return path
+
+
+def data_spec(**overrides):
+    """A data.DataSpec of the stdlib corpus in 32-token windows (byte tokenizer), with
+    `overrides` applied."""
+    from gqa_uptrain import data
+
+    d = dict(source="stdlib", path="", val_path="", hf_name="", hf_config="", train_split="train",
+             val_split="", text_field="text", val_fraction=0.02, tokenizer="byte", seq_len=32,
+             cache_dir="")
+    d.update(overrides)
+    return data.DataSpec(**d)

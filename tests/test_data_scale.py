@@ -27,12 +27,7 @@ def _compilation_cache(tmp_path_factory):
     yield from h.compilation_cache(tmp_path_factory)
 
 
-def _spec(**kw) -> data.DataSpec:
-    d = dict(source="stdlib", path="", val_path="", hf_name="", hf_config="", train_split="train",
-             val_split="", text_field="text", val_fraction=0.02, tokenizer="byte", seq_len=32,
-             cache_dir="")
-    d.update(kw)
-    return data.DataSpec(**d)
+_spec = h.data_spec  # a stdlib DataSpec of 32-token windows, overridable
 
 
 def _store_bytes(path: str) -> dict[str, bytes]:

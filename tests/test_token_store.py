@@ -18,12 +18,7 @@ import _helpers_train as h
 from gqa_uptrain import data, evaluate, token_store
 
 
-def _spec(**kw) -> data.DataSpec:
-    d = dict(source="stdlib", path="", val_path="", hf_name="", hf_config="", train_split="train",
-             val_split="", text_field="text", val_fraction=0.02, tokenizer="byte", seq_len=32,
-             cache_dir="")
-    d.update(kw)
-    return data.DataSpec(**d)
+_spec = h.data_spec  # a stdlib DataSpec of 32-token windows, overridable
 
 
 def _reference(spec: data.DataSpec, tokenizer, split: str, cache_dir: str) -> data.TokenStream:
