@@ -1,8 +1,11 @@
 """30-second smoke check of the Pallas kernels on a GPU (or TPU), run by experiments/gpu_check.sh.
 
 Compiles and runs the real (non-interpret) flash attention forward + backward and the decode
-kernel once each at small shapes, against the plain-JAX references at 'highest' precision, and
-exits non-zero on the first failure. Needs only jax and this package (no flax, no pytest).
+kernel once each at small shapes, then attention() as the trainer calls it — under jax.set_mesh,
+so the kernels run inside shard_map (one device: a 1x1x1 mesh) — with 'auto' on packed rows (the
+Pallas flash kernel) and without segment ids (cuDNN on a GPU), all against the plain-JAX
+references at 'highest' precision. Exits non-zero if any check fails. Needs only jax and this
+package (no flax, no pytest).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from gqa_uptrain import attention as attention_lib
+from gqa_uptrain import sharding
 from gqa_uptrain.kernels import decode_attention as da
 from gqa_uptrain.kernels import flash_attention as fa
 
@@ -62,9 +67,48 @@ def main() -> int:
     err = _err(got, want)
     failures += err > 3e-2
     print(f"decode   bfloat16 out max abs err {err:.2e} {'ok' if err <= 3e-2 else 'FAIL'}")
+    failures += _attention_under_a_mesh(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+                                        v.astype(jnp.bfloat16), do.astype(jnp.bfloat16))
     print(f"smoke: {'PASS' if not failures else f'{failures} FAILURES'} "
           f"in {time.perf_counter() - start:.1f} s")
     return 1 if failures else 0
+
+
+def _attention_under_a_mesh(q, k, v, do) -> int:
+    """attention(implementation='auto') inside jax.set_mesh (the trainer's way), bf16, with and
+    without segment ids; returns the number of failed checks."""
+    batch, seq = q.shape[:2]
+    segments = (jnp.arange(seq)[None, :] >= seq // 3).astype(jnp.int32) * jnp.ones((batch, 1),
+                                                                                 jnp.int32)
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    failures = 0
+    for seg in (segments, None):
+        call = attention_lib.Call(mode="train", platform=jax.default_backend(), kv_layout="bskd",
+                                  dtype="bfloat16", head_dim=q.shape[3], seq_q=seq,
+                                  segment_ids=seg is not None)
+        chosen = attention_lib.select("auto", call)
+        attn = lambda q, k, v, seg=seg: attention_lib.attention(q, k, v, segment_ids=seg)
+        both = jax.jit(lambda q, k, v, do: (lambda o, f: (o, *f(do)))(*jax.vjp(attn, q, k, v)))
+        try:
+            with jax.set_mesh(mesh):
+                got = both(q, k, v, do)
+        except Exception as e:  # noqa: BLE001 (reported, and counted as a failure)
+            print(f"auto ({chosen}) under a mesh FAILED: {type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:200]}")
+            failures += 1
+            continue
+        reference = lambda q, k, v, seg=seg: fa.flash_attention_reference(q, k, v, seg)
+        f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+        with jax.default_matmul_precision("highest"):
+            want = jax.jit(lambda q, k, v, do: (lambda o, f: (o, *f(do)))(
+                *jax.vjp(reference, q, k, v)))(*f32)
+        for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+            err = _err(g, w) / max(1.0, float(jnp.max(jnp.abs(w))))
+            ok = err <= 5e-2
+            failures += not ok
+            print(f"auto={chosen:7s} {'packed' if seg is not None else 'causal':6s} {name:3s} "
+                  f"max rel err {err:.2e} {'ok' if ok else 'FAIL'}")
+    return failures
 
 
 if __name__ == "__main__":

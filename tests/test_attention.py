@@ -211,15 +211,111 @@ def test_auto_takes_the_first_supported_candidate_of_the_platform_and_mode():
     # The table itself, read as the README quotes it, for every platform and mode.
     assert select("auto", _call("train", "cpu")) == "einsum_vjp"
     assert select("auto", _call("decode", "cpu")) == "cache"
-    assert select("auto", _call("train", "gpu")) == "xla"
-    assert select("auto", _call("decode", "gpu")) == "reference"
+    assert select("auto", _call("train", "gpu")) == "pallas"  # float32: not cuDNN's
+    assert select("auto", _call("decode", "gpu")) == "pallas"
     assert select("auto", _call("train", "tpu")) == "pallas"
-    assert select("auto", _call("decode", "tpu")) == "reference"
+    assert select("auto", _call("decode", "tpu")) == "pallas"
     # A call the first candidate does not support falls through to the next: the CPU training
     # form needs bskd, so training-mode attention over a bksd cache gets the reference.
     assert select("auto", _call("train", "cpu", kv_layout="bksd")) == "reference"
     # A platform with no row (a new backend) gets the reference, never an untested kernel.
     assert select("auto", _call("train", "metal")) == "reference"
+
+
+# Every axis select() looks at: platform x mode x KV layout x dtype x head_dim x mask kind.
+_PLATFORMS = ("cpu", "gpu", "tpu", "metal")
+_DTYPES = ("float32", "bfloat16", "float16")
+_HEAD_DIMS = (64, 72, 100, 128, 256, 320)  # 72: a multiple of 8, not of 16; 100: of neither
+_MASKS = {"causal": {}, "segments": dict(segment_ids=True), "cache": dict(cache_positions=True)}
+
+
+def _expected(platform, mode, layout, dtype, head_dim, mask):
+    """The dispatch rules written out case by case (README "Attention kernels"), independently
+    of AUTO's lists and the candidates' supports()."""
+    kernel_ok = mode == "decode" or (layout == "bskd" and mask != "cache")
+    if mode == "decode" and mask == "segments":  # the decode kernel masks by position only
+        kernel_ok = False
+    if platform == "cpu":
+        if mode == "train":
+            return "einsum_vjp" if layout == "bskd" else "reference"
+        return "cache" if layout == "bksd" else "reference"
+    if platform == "gpu":
+        cudnn = (mode == "train" and layout == "bskd" and mask == "causal"
+                 and dtype in ("bfloat16", "float16") and head_dim <= 256 and head_dim % 8 == 0)
+        if cudnn:
+            return "cudnn"
+        if kernel_ok:
+            return "pallas"
+        return "xla" if mode == "train" and layout == "bskd" else "reference"
+    if platform == "tpu":
+        if kernel_ok:
+            return "pallas"
+        return "xla" if mode == "train" and layout == "bskd" else "reference"
+    return "reference"
+
+
+def test_selection_for_every_platform_mode_dtype_head_dim_and_mask():
+    wrong = []
+    for platform in _PLATFORMS:
+        for mode in attention_lib.MODES:
+            for layout in attention_lib.KV_LAYOUTS:
+                for dtype in _DTYPES:
+                    for head_dim in _HEAD_DIMS:
+                        for mask, flags in _MASKS.items():
+                            call = Call(mode=mode, platform=platform, kv_layout=layout,
+                                        dtype=dtype, head_dim=head_dim, seq_q=256, **flags)
+                            want = _expected(platform, mode, layout, dtype, head_dim, mask)
+                            got = select("auto", call)
+                            if got != want:
+                                wrong.append((platform, mode, layout, dtype, head_dim, mask,
+                                              got, want))
+                            # Pure: the same call gives the same answer, and a mesh (which
+                            # only the kernels' wrap reads) changes nothing.
+                            meshed = Call(**{**call.__dict__, "mesh": "a mesh"})
+                            if select("auto", meshed) != got:
+                                wrong.append((platform, mode, layout, dtype, head_dim, mask,
+                                              "mesh changed the choice"))
+    assert wrong == [], wrong[:10]
+    # Both paths of GPU training occur in the grid: cuDNN and the Pallas flash kernel.
+    bf16 = dict(mode="train", platform="gpu", kv_layout="bskd", dtype="bfloat16", head_dim=128,
+                seq_q=4096)
+    assert select("auto", Call(**bf16)) == "cudnn"
+    assert select("auto", Call(**bf16, segment_ids=True)) == "pallas"  # packed batches
+
+
+def test_cudnn_says_why_it_does_not_apply():
+    gpu = dict(mode="train", platform="gpu", kv_layout="bskd", dtype="bfloat16", head_dim=128,
+               seq_q=64)
+    for change, why in [(dict(platform="cpu"), "runs only on a GPU"),
+                        (dict(dtype="float32"), "needs bfloat16 or float16 inputs; got float32"),
+                        (dict(head_dim=320), "needs head_dim <= 256 and a multiple of 8; got 320"),
+                        (dict(segment_ids=True), "takes no segment_ids"),
+                        (dict(mode="decode", kv_layout="bksd"), "needs mode='train'")]:
+        with pytest.raises(ValueError, match=f"implementation='cudnn' {why}"):
+            select("cudnn", Call(**{**gpu, **change}))
+    assert select("cudnn", Call(**gpu)) == "cudnn"
+
+
+def test_a_platform_suffix_selects_as_on_that_platform():
+    assert attention_lib.parse_implementation("auto") == ("auto", None)
+    assert attention_lib.parse_implementation("auto@cuda") == ("auto", "gpu")
+    assert attention_lib.parse_implementation("pallas@tpu") == ("pallas", "tpu")
+    with pytest.raises(ValueError, match="platform 'metal' is not one of"):
+        attention_lib.parse_implementation("auto@metal")
+    with pytest.raises(ValueError, match="'splash' is not one of"):
+        attention_lib.parse_implementation("splash@tpu")
+    # 'reference' runs anywhere, so the suffixed name computes on this CPU.
+    q, k, v = _qkv(4, 2)
+    np.testing.assert_array_equal(attention(q, k, v, implementation="reference@tpu"),
+                                  attention(q, k, v, implementation="reference"))
+    # On CPU, 'auto@gpu' traces the GPU's choice (fp32: the flash kernel, compiled for Triton,
+    # not interpreted); plain 'auto' traces the CPU's (no kernel).
+    def jaxpr_text(implementation):  # printed with the nested jaxprs (the custom_vjp's)
+        fn = lambda q, k, v: attention(q, k, v, implementation=implementation)
+        return str(jax.make_jaxpr(fn)(q, k, v))
+
+    assert "pallas_call" in jaxpr_text("auto@gpu") and "interpret=False" in jaxpr_text("auto@gpu")
+    assert "pallas_call" not in jaxpr_text("auto")
 
 
 def test_every_auto_row_ends_with_the_reference_and_names_known_candidates():

@@ -26,6 +26,7 @@ from jax.extend import core as jax_core
 from gqa_uptrain import attention as attention_lib
 from gqa_uptrain import bench
 from gqa_uptrain import model as model_lib
+from gqa_uptrain import sharding
 from gqa_uptrain.kernels import decode_attention as da
 from gqa_uptrain.kernels import flash_attention as fa
 
@@ -519,6 +520,34 @@ def test_model_step_with_pallas_on_gpu():
     with jax.default_matmul_precision("highest"):
         want = _model_step("reference", lambda f, *a: jax.jit(f))
     _assert_same_step(_model_step("pallas", lambda f, *a: jax.jit(f)), want, tol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("implementation,with_segments,expected",
+                         [("auto", False, "cudnn"), ("auto", True, "pallas"),
+                          ("xla", True, "xla")])
+def test_attention_in_shard_map_on_gpu(implementation, with_segments, expected):
+    # As the trainer's step calls attention: under jax.set_mesh, where 'cudnn' and 'pallas' run
+    # inside shard_map (on one GPU's 1x1x1 mesh the shard is the whole array). bf16 inputs:
+    # cuDNN without segment ids, the Pallas flash kernel for packed rows, 'xla' as a control.
+    batch, seq, num_heads, num_kv_heads, head_dim = 2, 512, 8, 2, 128
+    q, k, v, do = _qkv(batch, seq, seq, num_heads, num_kv_heads, head_dim, jnp.bfloat16)
+    seg = _segments(batch, seq) if with_segments else None
+    call = attention_lib.Call(mode="train", platform="gpu", kv_layout="bskd", dtype="bfloat16",
+                              head_dim=head_dim, seq_q=seq, segment_ids=with_segments)
+    assert attention_lib.select(implementation, call) == expected
+    attn = lambda q, k, v: attention_lib.attention(q, k, v, segment_ids=seg,
+                                                   implementation=implementation)
+    with jax.set_mesh(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])):
+        assert ("shard_map" in str(jax.make_jaxpr(attn)(q, k, v))) == (expected != "xla")
+        got = jax.jit(lambda *a: _value_and_grads(attn, *a))(q, k, v, do)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+    reference = lambda q, k, v: fa.flash_attention_reference(q, k, v, seg, causal=True)
+    with jax.default_matmul_precision("highest"):
+        want = jax.jit(lambda *a: _value_and_grads(reference, *a))(*f32)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        scale = float(jnp.max(jnp.abs(w)))
+        assert _err(g, w) <= 5e-2 * max(1.0, scale), (name, _err(g, w), scale)
 
 
 @pytest.mark.tpu

@@ -119,7 +119,10 @@ def _decode_kernel(lengths_ref, offsets_ref, q_ref, qpos_ref, k_ref, v_ref, o_re
 
     def body(j, carry):
         acc, m, l = carry
-        start = pl.multiple_of(j * block_kv, block_kv)
+        # j is 0 (a Python int) in the one-block branch below: Triton's lowering of multiple_of
+        # fails on a constant ("'TypedInt' object has no attribute 'owner'"; a cache of at most
+        # block_kv positions on a GPU, e.g. one shard's of a short cache).
+        start = j * block_kv if isinstance(j, int) else pl.multiple_of(j * block_kv, block_kv)
         k = k_ref[pl.ds(start, block_kv), :]
         v = v_ref[pl.ds(start, block_kv), :]
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),

@@ -488,7 +488,7 @@ def flash_attention(
         from gqa_uptrain.kernels import tpu  # noqa: PLC0415 (TPU-only dependencies)
         return tpu.splash_attention(q, k, v, segment_ids, causal=causal, scale=scale,
                                     interpret=interpret)
-    seq_q, seq_kv = q.shape[1], k.shape[1]
+    seq_q = q.shape[1]
     qp, kp, vp, unpad = pad_for_triton(q, k, v)
     plan = make_plan(qp.shape, kp.shape, causal=causal, scale=scale,
                      block_sizes=block_sizes or BlockSizes(), interpret=interpret)
