@@ -332,10 +332,6 @@ def build_plan(config, hardware: Hardware, model_name: str = "", num_layers: int
                             f"one layer's per-device shape [{b}, {t}, {n} heads, {k} KV heads] "
                             f"needs {measured / GIB:.2f} GiB of temporaries (compiled alone)",
                             -measured))
-        if devices > 1 and hardware.platform == "tpu":
-            notes.append("the TPU flash kernel is not yet wrapped in shard_map, so today the "
-                         "sharded step does not lower for TPU (across hosts, part 2); this plan "
-                         "assumes it is")
     else:
         corrections.append((f"none for attention: the device's 'auto' attention is "
                             f"{on_device!r}, which materialises the scores as XLA:CPU does", 0))
