@@ -1,24 +1,33 @@
 """The checkpoint format shared by the converter and the trainer.
 
 A checkpoint is a directory:
-  meta.json      format version, ModelConfig, step, source run's step, data position, provenance
-  params/        orbax (StandardCheckpointer) of the flat {dotted name: array} params dict
-  opt_state/     optional, orbax of the optimizer state flattened to {key path: array}
-  tokenizer.json optional, the model's own tokenizer (copied in by save(tokenizer_file=...); its
-                 sha256 is in meta.json's provenance): see tokenizer_spec / default_tokenizer
+  meta.json           format version, ModelConfig, step, source run's step, data position,
+                      provenance
+  params/             orbax arrays of the flat {dotted name: array} params dict
+  opt_state/          optional, orbax arrays of the optimizer state flattened to {key path: array}
+  tokenizer.json      optional, the model's own tokenizer (save(tokenizer_file=...); its sha256 is
+                      in meta.json's provenance): see tokenizer_spec / default_tokenizer
+  _CHECKPOINT_METADATA, commit_success.txt   orbax's step record and commit mark (version 2)
 
-It is written into a temporary sibling directory and renamed into place only when complete, so an
-interrupted save never leaves something that looks like a checkpoint. Restores are strict: every
-stored name and shape is compared with what the model (or the optimizer state) expects before any
-array is read, and a missing or unexpected name or a shape mismatch raises naming it (orbax would
-otherwise happily do a partial restore, orbax#2972).
+Format version 2 (this code writes it; it reads 1 and 2): the directory is written in place
+through orbax's own commit protocol (AtomicityMode.COMMIT_FILE, the one orbax uses on object
+stores, used here on every filesystem so that local tests exercise it): every file is written
+first, commit_success.txt last, and a version-2 directory without it is incomplete, never a
+checkpoint (formats.is_checkpoint). No step relies on os.rename. meta.json and tokenizer.json are
+written by process 0 inside the same save, before the commit (_ParamsHandler). Version 1 had the
+same names without orbax's two files at the top; it was written to a temporary sibling and
+renamed into place, so a version-1 directory that has meta.json and params/ is complete.
 
-A training workdir keeps its checkpoints as WORKDIR/checkpoints/<step>/ in this same format.
+Restores are strict: every stored name and shape is compared with what the model (or the optimizer
+state) expects before any array is read, and a missing or unexpected name or a shape mismatch
+raises naming it (orbax would otherwise happily do a partial restore, orbax#2972).
 
-Multi-host (jax.distributed): every process calls save/save_step (orbax writes each process's
-shards); only process 0 touches the directory structure (clearing the temporary dir, meta.json,
-the renames, deleting old steps), with barriers between the phases so no process sees a half-made
-state. The filesystem must be shared between the processes.
+A training workdir keeps its checkpoints as WORKDIR/checkpoints/<step>/ in this same format,
+through orbax's CheckpointManager (run_checkpoints.py: async saves, keep policy, cadence).
+
+Multi-host (jax.distributed): every process calls save (orbax writes each process's shards and
+holds the barriers); process 0 alone writes meta.json, tokenizer.json and the commit mark. The
+filesystem must be shared between the processes.
 """
 
 from __future__ import annotations
@@ -27,19 +36,20 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import options as ocp_options
 
 # The layout's file names, and the complete-checkpoint test, live with the one format rule.
-from gqa_uptrain.formats import CHECKPOINTS_DIR, META_FILE, PARAMS_DIR, is_checkpoint
+from gqa_uptrain.formats import (CHECKPOINTS_DIR, COMMIT_FILE, META_FILE, OPT_STATE_DIR,
+                                 PARAMS_DIR, READ_VERSIONS, TOKENIZER_FILE, is_checkpoint)
 from gqa_uptrain.model import ModelConfig, abstract_params, check_params_match
 
-FORMAT_VERSION = 1
-TOKENIZER_FILE = "tokenizer.json"
+FORMAT_VERSION = 2  # what save writes; READ_VERSIONS (1, 2) are read
 # A model whose vocabulary is this size and has no Hugging Face ancestor was trained here on bytes
 # (ids 0..255, the rest unused): the one rule for "byte-level without a record" (default_tokenizer).
 BYTE_VOCAB_SIZES = range(256, 513)
@@ -72,30 +82,31 @@ class Meta:
     def from_json(cls, text: str) -> "Meta":
         d = json.loads(text)
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             raise CheckpointError(f"checkpoint format_version={version}; this code reads "
-                                  f"{FORMAT_VERSION}")
+                                  f"{', '.join(map(str, READ_VERSIONS))}")
         d["model_config"] = ModelConfig.from_dict(d["model_config"])
         return cls(**d)
 
 
 def read_meta(path: str) -> Meta:
-    if not is_checkpoint(path):
+    """The Meta of a complete checkpoint; CheckpointError naming what is wrong: no meta.json +
+    params/, a format version this code does not read, or a version-2 save never committed."""
+    meta_file = os.path.join(path, META_FILE)
+    if not (os.path.isfile(meta_file) and os.path.isdir(os.path.join(path, PARAMS_DIR))):
         raise CheckpointError(f"{path} is not a checkpoint of this project (no {META_FILE} + "
                               f"{PARAMS_DIR}/)")
-    with open(os.path.join(path, META_FILE)) as f:
-        return Meta.from_json(f.read())
-
-
-def _is_primary() -> bool:
-    return jax.process_index() == 0
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
-        multihost_utils.sync_global_devices(f"gqa_uptrain.checkpoints.{name}")
+    try:
+        with open(meta_file) as f:
+            meta = Meta.from_json(f.read())
+    except ValueError as e:  # CheckpointError (the version) included; json's errors say "line"
+        if isinstance(e, CheckpointError):
+            raise
+        meta = None
+    if meta is None or not is_checkpoint(path):
+        raise CheckpointError(f"{path} is an incomplete checkpoint (no {COMMIT_FILE}: a save "
+                              "killed or still being written)")
+    return meta
 
 
 def flatten_tree(tree: Any) -> dict[str, Any]:
@@ -110,6 +121,83 @@ def _unflatten_like(target: Any, flat: dict[str, Any]) -> Any:
                                         [flat[jax.tree_util.keystr(p)] for p, _ in leaves])
 
 
+# ----------------------------------------------------------------------------- writing (orbax)
+
+# orbax's commit protocol for object stores (commit_success.txt written last), on every filesystem.
+ATOMICITY = ocp_options.AtomicityOptions(mode=ocp_options.AtomicityMode.COMMIT_FILE)
+# Directories are made before a save returns, so _ParamsHandler can write into the step directory
+# while the arrays are still being written in the background.
+ASYNC_OPTIONS = ocp.AsyncOptions(create_directories_asynchronously=False)
+
+
+@dataclasses.dataclass
+class ParamsSave(ocp.args.CheckpointArgs):
+    """The params item of a save: the flat params dict, and the checkpoint's own files
+    ({file name: bytes}, e.g. meta.json) that process 0 writes beside params/."""
+
+    params: dict[str, Any]
+    files: dict[str, bytes]
+
+
+@dataclasses.dataclass
+class ParamsRestore(ocp.args.CheckpointArgs):
+    """Registered for symmetry only: restores read params/ through _restore_flat."""
+
+    target: Any = None
+
+
+class _ParamsHandler(ocp.StandardCheckpointHandler):
+    """params/ as orbax's StandardCheckpointHandler writes it, plus the checkpoint's own files one
+    level up (the step directory: the parent of the params item), written by process 0 before
+    the save returns, hence before orbax's commit mark (meta.json must be inside the commit)."""
+
+    async def async_save(self, directory, item=None, save_args=None, args=None):
+        if jax.process_index() == 0:
+            for name, data in args.files.items():
+                (epath.Path(directory).parent / name).write_bytes(data)
+        return await super().async_save(directory, args=ocp.args.StandardSave(args.params))
+
+
+ocp.args.register_with_handler(_ParamsHandler, for_save=True)(ParamsSave)
+ocp.args.register_with_handler(_ParamsHandler, for_restore=True)(ParamsRestore)
+
+
+def item_handlers() -> dict[str, Any]:
+    """The orbax handlers of a checkpoint's items (CheckpointManager(item_handlers=...))."""
+    return {PARAMS_DIR: _ParamsHandler(), OPT_STATE_DIR: ocp.StandardCheckpointHandler()}
+
+
+def save_args(params: dict[str, Any], meta: Meta, opt_state: Any = None, *,
+              tokenizer_file: str | None = None) -> ocp.args.Composite:
+    """The orbax Composite of a checkpoint (checked against meta's ModelConfig): params, meta.json
+    (format FORMAT_VERSION), the optional optimizer state and tokenizer.json.
+
+    tokenizer_file: a tokenizer.json to store in the checkpoint (as TOKENIZER_FILE); the saved
+    provenance then records tokenizer='tokenizer.json' (the file inside this checkpoint), the
+    sha256 of the bytes stored, and tokenizer_source (where it was read from, unless `meta`
+    already names an earlier source).
+    """
+    check_params_match(abstract_params(meta.model_config), params, what="params to save")
+    files = {}
+    if tokenizer_file is not None:
+        if not os.path.isfile(tokenizer_file):
+            raise CheckpointError(f"tokenizer {tokenizer_file} is not a file")
+        tokenizer_file = os.path.abspath(tokenizer_file)
+        with open(tokenizer_file, "rb") as f:
+            files[TOKENIZER_FILE] = f.read()  # the bytes hashed are the bytes stored
+        provenance = dict(meta.provenance)
+        provenance.setdefault("tokenizer_source", tokenizer_file)
+        provenance.update(tokenizer=TOKENIZER_FILE,
+                          tokenizer_sha256=hashlib.sha256(files[TOKENIZER_FILE]).hexdigest())
+        meta = dataclasses.replace(meta, provenance=provenance)
+    meta = dataclasses.replace(meta, format_version=FORMAT_VERSION)
+    files[META_FILE] = meta.to_json().encode()
+    items = {PARAMS_DIR: ParamsSave(params, files)}
+    if opt_state is not None:
+        items[OPT_STATE_DIR] = ocp.args.StandardSave(flatten_tree(opt_state))
+    return ocp.args.Composite(**items)
+
+
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -120,69 +208,29 @@ def file_sha256(path: str) -> str:
 
 def save(path: str, params: dict[str, Any], meta: Meta, opt_state: Any = None, *,
          overwrite: bool = False, tokenizer_file: str | None = None) -> None:
-    """Writes a complete checkpoint at `path` (atomically: temp sibling, then rename).
-
-    tokenizer_file: a tokenizer.json to copy into the checkpoint (as TOKENIZER_FILE, inside the
-    temporary directory, so it arrives with the rest); the saved provenance then records
-    tokenizer='tokenizer.json' (the file inside this checkpoint), its tokenizer_sha256, and
-    tokenizer_source (where it was copied from, unless `meta` already names an earlier source).
-    """
+    """Writes a complete checkpoint at `path` through orbax's commit protocol (module docstring;
+    blocking). tokenizer_file: see save_args. overwrite: an existing checkpoint is deleted first
+    (the path is then absent or incomplete, never taken for a checkpoint, until the commit)."""
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise CheckpointError(f"{path} already exists")
-    check_params_match(abstract_params(meta.model_config), params, what="params to save")
-    if tokenizer_file is not None:
-        if not os.path.isfile(tokenizer_file):
-            raise CheckpointError(f"tokenizer {tokenizer_file} is not a file")
-        tokenizer_file = os.path.abspath(tokenizer_file)
-        provenance = dict(meta.provenance)
-        provenance.setdefault("tokenizer_source", tokenizer_file)
-        provenance.update(tokenizer=TOKENIZER_FILE, tokenizer_sha256=file_sha256(tokenizer_file))
-        meta = dataclasses.replace(meta, provenance=provenance)
-    parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    # A fixed temporary name (not mkdtemp): a save killed mid-write leaves this behind, and the
-    # next save to the same path clears it. It never looks like a checkpoint (see list_steps).
-    tmp = os.path.join(parent, f".{name}.tmp")
-    if _is_primary():
-        shutil.rmtree(tmp, ignore_errors=True)
-    _barrier(f"clear:{path}")
-    try:
-        ckptr = ocp.StandardCheckpointer()
-        # orbax refuses to write into an existing directory: give it fresh subpaths.
-        ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
-        if opt_state is not None:
-            ckptr.save(os.path.join(tmp, "opt_state"), flatten_tree(opt_state))
-        ckptr.wait_until_finished()
-        _barrier(f"written:{path}")
-        if _is_primary():
-            if tokenizer_file is not None:
-                shutil.copyfile(tokenizer_file, os.path.join(tmp, TOKENIZER_FILE))
-                if file_sha256(os.path.join(tmp, TOKENIZER_FILE)) != meta.provenance[
-                        "tokenizer_sha256"]:
-                    raise CheckpointError(f"tokenizer {tokenizer_file} changed while it was "
-                                          "being copied")
-            with open(os.path.join(tmp, META_FILE), "w") as f:
-                f.write(meta.to_json())
-            if os.path.exists(path):
-                # Move the old one aside first so that `path` is, at every moment, absent or
-                # complete.
-                old = os.path.join(parent, f".{name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(path, old)
-                os.rename(tmp, path)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, path)
-        _barrier(f"renamed:{path}")
-    except BaseException:
-        if _is_primary():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    args = save_args(params, meta, opt_state, tokenizer_file=tokenizer_file)
+    handler = ocp.CompositeCheckpointHandler(
+        composite_options=ocp.CompositeOptions(atomicity_options=ATOMICITY,
+                                               async_options=ASYNC_OPTIONS),
+        **item_handlers())
+    with ocp.Checkpointer(handler, atomicity_options=ATOMICITY) as ckptr:
+        ckptr.save(path, args=args, force=overwrite)
 
 
+# Items are read with orbax's handler itself, not a Checkpointer: a version-2 item directory has
+# no step record of its own (the checkpoint's is one level up), which a Checkpointer warns about.
 def _stored_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], Any]]:
-    tree = ocp.StandardCheckpointer().metadata(directory).item_metadata.tree
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        tree = handler.metadata(epath.Path(os.path.abspath(directory)))
+    finally:
+        handler.close()
     return {name: (tuple(m.shape), m.dtype) for name, m in tree.items()}
 
 
@@ -201,7 +249,11 @@ def _restore_flat(directory: str, expected: dict[str, Any], what: str,
         sharding = (shardings or {}).get(name) or jax.sharding.SingleDeviceSharding(
             jax.devices()[0])
         target[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-    return ocp.StandardCheckpointer().restore(directory, target)
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        return handler.restore(epath.Path(directory), args=ocp.args.StandardRestore(target))
+    finally:
+        handler.close()
 
 
 def restore(path: str, *, expected_config: ModelConfig | None = None,
@@ -223,7 +275,7 @@ def restore(path: str, *, expected_config: ModelConfig | None = None,
                            "params", param_shardings)
     opt_state = None
     if opt_state_target is not None:
-        opt_dir = os.path.join(path, "opt_state")
+        opt_dir = os.path.join(path, OPT_STATE_DIR)
         if not os.path.isdir(opt_dir):
             raise CheckpointError(f"{path} holds no optimizer state")
         flat_target = flatten_tree(opt_state_target)
@@ -241,12 +293,25 @@ def step_dir(workdir: str, step: int) -> str:
 
 
 def list_steps(workdir: str) -> list[int]:
-    """Steps with a complete checkpoint in workdir, ascending (temporary dirs are not listed)."""
+    """Steps with a complete checkpoint in workdir (formats.is_checkpoint: versions 1 and 2),
+    ascending; a save still being written, or killed, is not listed."""
     root = os.path.join(workdir, CHECKPOINTS_DIR)
     if not os.path.isdir(root):
         return []
     return sorted(int(n) for n in os.listdir(root)
                   if n.isdigit() and is_checkpoint(os.path.join(root, n)))
+
+
+def incomplete_steps(workdir: str) -> list[int]:
+    """Steps whose directory exists without being a complete checkpoint: a version-2 save that
+    is being written, or was killed before orbax's commit mark (never read, and cleared by the
+    next run, run_checkpoints.clear_incomplete), ascending."""
+    root = os.path.join(workdir, CHECKPOINTS_DIR)
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(n) for n in os.listdir(root)
+                  if n.isdigit() and os.path.isdir(os.path.join(root, n))
+                  and not is_checkpoint(os.path.join(root, n)))
 
 
 def latest_checkpoint(workdir: str) -> str | None:
@@ -267,15 +332,13 @@ def resolve(path: str) -> str:
 
 def save_step(workdir: str, params, meta: Meta, opt_state=None, keep: int | None = None, *,
               tokenizer_file: str | None = None) -> str:
-    """Saves WORKDIR/checkpoints/<meta.step> (with a copy of tokenizer_file, see save), then
-    deletes all but the newest `keep`."""
-    path = step_dir(workdir, meta.step)
-    save(path, params, meta, opt_state, overwrite=True, tokenizer_file=tokenizer_file)
-    if keep is not None and _is_primary():
-        for old in list_steps(workdir)[:-keep]:
-            shutil.rmtree(step_dir(workdir, old), ignore_errors=True)
-    _barrier(f"pruned:{path}")
-    return path
+    """Saves WORKDIR/checkpoints/<meta.step> through the workdir's CheckpointManager (blocking;
+    tokenizer_file: see save_args), keeping the newest `keep` (None: all)."""
+    from gqa_uptrain import run_checkpoints  # noqa: PLC0415 (it builds on this module)
+
+    with run_checkpoints.RunCheckpoints(workdir, keep=keep) as manager:
+        manager.save(meta.step, params, meta, opt_state, tokenizer_file=tokenizer_file)
+    return step_dir(workdir, meta.step)
 
 
 # ----------------------------------------------------------------------------- tokenizers

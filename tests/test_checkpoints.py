@@ -1,5 +1,6 @@
 """The checkpoint format: bit-exact round trips, strict restores, atomic writes."""
 
+import dataclasses
 import json
 import os
 
@@ -129,3 +130,86 @@ def test_workdir_steps_keep_last_k_and_ignore_incomplete(tmp_path):
     os.makedirs(os.path.join(workdir, "checkpoints", "50"))  # no meta.json: incomplete
     assert checkpoints.latest_checkpoint(workdir).endswith(os.path.join("checkpoints", "30"))
     assert checkpoints.resolve(workdir) == checkpoints.latest_checkpoint(workdir)
+
+
+FIXTURE_V1 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
+                          "checkpoint_v1_bf16")
+
+
+def test_version_2_is_committed_by_orbax_without_a_rename(tmp_path, monkeypatch):
+    """The layout on disk (version 2): v1's names plus orbax's step record and commit mark, the
+    commit written last and nothing renamed (os.rename / os.replace fail here, in orbax's threads
+    too), also when the keep policy deletes an older step."""
+    config = _config()
+    params = get_params(build_model(config))
+
+    def refuse(*args):
+        raise AssertionError(f"renamed {args}")
+
+    monkeypatch.setattr(os, "rename", refuse)
+    monkeypatch.setattr(os, "replace", refuse)
+    path = str(tmp_path / "ckpt")
+    checkpoints.save(path, params, checkpoints.Meta(config))
+    assert sorted(os.listdir(path)) == ["_CHECKPOINT_METADATA", "commit_success.txt", "meta.json",
+                                        "params"]
+    for step in (1, 2):
+        checkpoints.save_step(str(tmp_path / "run"), params, checkpoints.Meta(config, step=step),
+                              keep=1)
+    assert checkpoints.list_steps(str(tmp_path / "run")) == [2]
+    monkeypatch.undo()
+    _, meta, _ = checkpoints.restore(path)
+    assert meta.format_version == checkpoints.FORMAT_VERSION == 2
+
+
+def test_a_version_2_directory_without_its_commit_mark_is_not_a_checkpoint(tmp_path):
+    config = _config()
+    workdir = str(tmp_path)
+    checkpoints.save_step(workdir, get_params(build_model(config)),
+                          checkpoints.Meta(config, step=4))
+    path = checkpoints.step_dir(workdir, 4)
+    assert checkpoints.list_steps(workdir) == [4] and checkpoints.incomplete_steps(workdir) == []
+    # What a save killed before orbax's commit leaves: every file but the mark.
+    os.remove(os.path.join(path, "commit_success.txt"))
+    assert not checkpoints.is_checkpoint(path)
+    assert checkpoints.list_steps(workdir) == [] and checkpoints.incomplete_steps(workdir) == [4]
+    assert checkpoints.latest_checkpoint(workdir) is None
+    with pytest.raises(checkpoints.CheckpointError, match="incomplete checkpoint .no commit_succ"):
+        checkpoints.read_meta(path)
+    # A half-written meta.json is no checkpoint either (and no crash).
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        f.write('{"format_version": 2, "model_con')
+    assert not checkpoints.is_checkpoint(path)
+    with pytest.raises(checkpoints.CheckpointError, match="incomplete checkpoint"):
+        checkpoints.read_meta(path)
+    from gqa_uptrain import run_checkpoints
+
+    assert run_checkpoints.clear_incomplete(workdir) == ["4"]
+    assert not os.path.exists(path)
+
+
+def test_version_1_still_reads_and_an_unknown_version_is_refused(tmp_path):
+    """Version 1 (no commit mark: renamed into place when complete) is a checkpoint, alone and in
+    a workdir beside version-2 steps, which orbax's keep policy prunes without touching it."""
+    import shutil
+
+    assert checkpoints.is_checkpoint(FIXTURE_V1)
+    assert not os.path.exists(os.path.join(FIXTURE_V1, "commit_success.txt"))
+    assert checkpoints.read_meta(FIXTURE_V1).format_version == 1
+    workdir = str(tmp_path / "run")
+    shutil.copytree(FIXTURE_V1, checkpoints.step_dir(workdir, 2))
+    meta = checkpoints.read_meta(FIXTURE_V1)
+    params, _, _ = checkpoints.restore(FIXTURE_V1)
+    for step in (3, 4):
+        checkpoints.save_step(workdir, params, dataclasses.replace(meta, step=step), keep=1)
+    assert checkpoints.list_steps(workdir) == [2, 4]
+    assert checkpoints.read_meta(checkpoints.latest_checkpoint(workdir)).format_version == 2
+    copy = str(tmp_path / "v3")
+    shutil.copytree(FIXTURE_V1, copy)
+    with open(os.path.join(copy, "meta.json")) as f:
+        d = json.load(f)
+    d["format_version"] = 3
+    with open(os.path.join(copy, "meta.json"), "w") as f:
+        json.dump(d, f)
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=r"format_version=3; this code reads 1, 2"):
+        checkpoints.read_meta(copy)

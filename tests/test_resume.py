@@ -1,5 +1,6 @@
-"""Faults in a real subprocess: SIGKILL after a checkpoint, SIGKILL mid-save, SIGKILL mid-step and
-SIGTERM, each followed by rerunning the same command, end bit-identical to an uninterrupted run."""
+"""Faults in a real subprocess: SIGKILL after a checkpoint, SIGKILL mid-save (an async save whose
+step directory exists without orbax's commit mark), SIGKILL mid-step and SIGTERM, each followed by
+rerunning the same command, end bit-identical to an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -43,11 +44,6 @@ def _wait_for(proc: subprocess.Popen, condition, timeout: float = 120, poll: flo
     raise AssertionError("timed out waiting for the training subprocess")
 
 
-def _tmp_dirs(workdir: str) -> list[str]:
-    root = os.path.join(workdir, "checkpoints")
-    return [d for d in os.listdir(root) if d.endswith(".tmp")] if os.path.isdir(root) else []
-
-
 def _lines(workdir: str) -> int:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return sum(1 for line in f if line.endswith("\n"))
@@ -81,15 +77,15 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     _kill(proc)
     killed_at.append(("after checkpoint", max(checkpoints.list_steps(workdir))))
 
-    # 2. SIGKILL while a checkpoint is being written (its temporary dir exists). If the save
-    # finished between seeing the dir and the kill, try again on the next one.
+    # 2. SIGKILL while a checkpoint is being written (its step directory exists, uncommitted).
+    # If the save committed between seeing the dir and the kill, try again on the next one.
     for _ in range(5):
         before = max(checkpoints.list_steps(workdir))
         proc = _start(workdir)
-        ok = _wait_for(proc, lambda: any(int(d[1:-4]) > before for d in _tmp_dirs(workdir)))
+        ok = _wait_for(proc, lambda: any(s > before for s in checkpoints.incomplete_steps(workdir)))
         assert ok, proc.communicate()
         _kill(proc)
-        pending = [int(d[1:-4]) for d in _tmp_dirs(workdir)]
+        pending = checkpoints.incomplete_steps(workdir)
         complete = checkpoints.list_steps(workdir)
         if any(p > max(complete) for p in pending):  # interrupted mid-save
             # The half-written checkpoint is never taken as the latest.
@@ -132,5 +128,5 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     steps = [r["step"] for r in records]
     assert len(steps) == len(set(steps)), "a step appears twice in metrics.jsonl"
     assert h.deterministic(records) == h.deterministic(ref_records), killed_at
-    assert not _tmp_dirs(workdir)
+    assert not checkpoints.incomplete_steps(workdir)
     assert checkpoints.list_steps(workdir) == [NUM_STEPS - 1, NUM_STEPS]  # keep_checkpoints=2
