@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from gqa_uptrain.model import ModelConfig, Transformer
+from gqa_uptrain.model import ModelConfig, Transformer, project_logits
 
 
 def make_apply(config: ModelConfig, *, scan_layers: bool = False) -> Callable[..., tuple]:
@@ -57,10 +57,42 @@ def make_apply(config: ModelConfig, *, scan_layers: bool = False) -> Callable[..
     return apply
 
 
+def _chunked_sums(fn, shared: tuple[jax.Array, ...], per_position: tuple[jax.Array, ...],
+                  chunk_size: int, *, num_sums: int) -> tuple[jax.Array, ...]:
+    """fn(*shared, *per_position) summed over sequence chunks: `shared` (the output projections)
+    is passed whole to every call, each of `per_position` [batch, seq, ...] cut into chunks
+    [batch, c, ...]; fn returns a scalar (num_sums == 1) or a tuple of num_sums float32 scalars. chunk_size <= 0 or >= seq: one call
+    on the whole sequence. Else the sequence axis (1) is padded with zeros to whole chunks (a
+    zero mask scores nothing), the chunks are scanned in order, and fn is recomputed in the
+    backward pass (jax.checkpoint), so only one chunk's intermediates (its logits) exist at a
+    time. The batch axis is kept whole, so a batch split over devices stays split."""
+    def as_tuple(x):
+        return (x,) if num_sums == 1 else tuple(x)
+
+    batch, seq = per_position[0].shape[:2]
+    if chunk_size <= 0 or chunk_size >= seq:
+        return as_tuple(fn(*shared, *per_position))
+    num_chunks = -(-seq // chunk_size)
+    pad = num_chunks * chunk_size - seq
+
+    def chunks(x):  # [b, seq, ...] -> [n, b, c, ...]
+        if pad:
+            x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape((batch, num_chunks, chunk_size) + x.shape[2:]), 0, 1)
+
+    one = jax.checkpoint(fn)
+
+    def body(totals, xs):
+        return tuple(t + v for t, v in zip(totals, as_tuple(one(*shared, *xs)))), None
+
+    zeros = tuple(jnp.zeros((), jnp.float32) for _ in range(num_sums))
+    totals, _ = jax.lax.scan(body, zeros, tuple(chunks(x) for x in per_position))
+    return totals
+
+
 def _nll_of_chunk(head, hidden, targets, mask):
     """Masked nll sum of one chunk: hidden [b, c, d], targets/mask [b, c] -> float32 scalar."""
-    logits = jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = project_logits(hidden, head)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return jnp.sum(nll * mask)
 
@@ -75,37 +107,15 @@ def chunked_nll(hidden: jax.Array, head: jax.Array, targets: jax.Array, mask: ja
     recomputed in the backward pass. The batch axis is kept whole, so a batch split over devices
     stays split.
     """
-    batch, seq, d_model = hidden.shape
-    if chunk_size <= 0 or chunk_size >= seq:
-        return _nll_of_chunk(head, hidden, targets, mask)
-    num_chunks = -(-seq // chunk_size)
-    pad = num_chunks * chunk_size - seq
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        mask = jnp.pad(mask, ((0, 0), (0, pad)))
-
-    def chunks(x):  # [b, n * c, ...] -> [n, b, c, ...]
-        return jnp.swapaxes(x.reshape((batch, num_chunks, chunk_size) + x.shape[2:]), 0, 1)
-
-    one = jax.checkpoint(_nll_of_chunk)
-
-    def body(total, xs):
-        return total + one(head, *xs), None
-
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                            (chunks(hidden), chunks(targets), chunks(mask)))
-    return total
+    return _chunked_sums(_nll_of_chunk, (head,), (hidden, targets, mask), chunk_size,
+                         num_sums=1)[0]
 
 
 def _distill_of_chunk(temperature, head, teacher_head, hidden, teacher_hidden, targets, mask):
     """(masked nll sum, masked KL(teacher || student) sum at `temperature`) of one chunk: hidden
     [b, c, d], teacher_hidden [b, c, d_teacher], targets/mask [b, c] -> two float32 scalars."""
-    logits = jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype),
-                        preferred_element_type=jnp.float32)  # [b, c, vocab]
-    teacher_logits = jnp.einsum("btd,dv->btv", teacher_hidden,
-                                teacher_head.astype(teacher_hidden.dtype),
-                                preferred_element_type=jnp.float32)  # [b, c, vocab]
+    logits = project_logits(hidden, head)  # [b, c, vocab]
+    teacher_logits = project_logits(teacher_hidden, teacher_head)  # [b, c, vocab]
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     log_p_teacher = jax.nn.log_softmax(teacher_logits / temperature)
     log_p_student = jax.nn.log_softmax(logits / temperature)
@@ -126,31 +136,9 @@ def chunked_distill(hidden: jax.Array, head: jax.Array, teacher_hidden: jax.Arra
     (equal to its rounding, not necessarily bit for bit: XLA fuses it with the KL). No gradient flows into the teacher's arguments that the caller does not ask
     for (train_step stops it at the teacher's hidden states).
     """
-    one = functools.partial(_distill_of_chunk, temperature)
-    batch, seq, _ = hidden.shape
-    if chunk_size <= 0 or chunk_size >= seq:
-        return one(head, teacher_head, hidden, teacher_hidden, targets, mask)
-    num_chunks = -(-seq // chunk_size)
-    pad = num_chunks * chunk_size - seq
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        teacher_hidden = jnp.pad(teacher_hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        mask = jnp.pad(mask, ((0, 0), (0, pad)))
-
-    def chunks(x):  # [b, n * c, ...] -> [n, b, c, ...]
-        return jnp.swapaxes(x.reshape((batch, num_chunks, chunk_size) + x.shape[2:]), 0, 1)
-
-    one = jax.checkpoint(one)
-
-    def body(totals, xs):
-        nll, kl = one(head, teacher_head, *xs)
-        return (totals[0] + nll, totals[1] + kl), None
-
-    zero = jnp.zeros((), jnp.float32)
-    totals, _ = jax.lax.scan(body, (zero, zero), (chunks(hidden), chunks(teacher_hidden),
-                                                  chunks(targets), chunks(mask)))
-    return totals
+    nll, kl = _chunked_sums(functools.partial(_distill_of_chunk, temperature), (head, teacher_head),
+                            (hidden, teacher_hidden, targets, mask), chunk_size, num_sums=2)
+    return nll, kl
 
 
 def nll_sum(apply, params, batch: dict[str, jax.Array], *, implementation: str = "auto",

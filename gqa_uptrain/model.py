@@ -293,6 +293,13 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs)
 
 
+def project_logits(hidden: jax.Array, head: jax.Array) -> jax.Array:
+    """hidden [batch, seq, d_model] (compute dtype) @ head [d_model, vocab] -> float32 logits
+    [batch, seq, vocab]: the matmul runs in the compute dtype and accumulates in float32."""
+    return jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)
+
+
 def remat_policy(remat: bool | str) -> str:
     """A REMAT_POLICIES name from a name or a bool (True = 'full', False = 'none')."""
     if isinstance(remat, bool):
@@ -348,9 +355,7 @@ class Transformer(nnx.Module):
         return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
 
     def _logits(self, x):
-        x = self.final_norm(x)
-        return jnp.einsum("btd,dv->btv", x, self.head().astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+        return project_logits(self.final_norm(x), self.head())
 
     def hidden(self, tokens, *, segment_ids=None, positions=None, implementation="auto",
                remat: bool | str = "none") -> jax.Array:
@@ -388,10 +393,9 @@ class Transformer(nnx.Module):
         chooses what each block's backward pass recomputes instead of storing; the forward values
         are unchanged.
         """
-        x = self.hidden(tokens, segment_ids=segment_ids, positions=positions,
-                        implementation=implementation, remat=remat)
-        return jnp.einsum("btd,dv->btv", x, self.head().astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+        return project_logits(self.hidden(tokens, segment_ids=segment_ids, positions=positions,
+                                          implementation=implementation, remat=remat),
+                              self.head())
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
         """Empty cache for `batch` sequences of up to `max_len` tokens (dtype defaults to compute)."""

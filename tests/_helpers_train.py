@@ -78,6 +78,26 @@ def run(cmd: list[str], timeout: float = 180, devices: int | None = None,
     return out
 
 
+def run_together(cmds: list[list[str]], devices: int | None = None, timeout: float = 300
+                 ) -> list[str]:
+    """Runs the commands at once (the processes of one jax.distributed job), waits for all, kills
+    any left after `timeout`, and returns their stdouts; AssertionError with the stderr's tail if
+    one failed."""
+    procs = [subprocess.Popen(c, cwd=REPO, env=env(devices), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c in cmds]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    return [out for out, _ in outputs]
+
+
 def metrics(workdir: str) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -19,22 +18,6 @@ from gqa_uptrain import checkpoints
 from gqa_uptrain.model import ModelConfig
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in KiB is Linux's")
-
-
-def _run_all(cmds, devices, timeout=300):
-    procs = [subprocess.Popen(c, cwd=h.REPO, env=h.env(devices), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for c in cmds]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=timeout))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    return [out for out, _ in outputs]
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +44,12 @@ def test_two_processes_initialise_per_shard_and_train_like_one(tmp_path, small_s
                         init_checkpoint=small_sources[kind], **FLAGS)
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
     port = h.free_port()
-    outs = _run_all([h.train_cmd(two, flags, [f"--coordinator_address=localhost:{port}",
+    outs = h.run_together([h.train_cmd(two, flags, [f"--coordinator_address=localhost:{port}",
                                               "--num_processes=2", f"--process_id={i}",
                                               "--distributed_timeout=60"]) for i in range(2)],
                     devices=4)
     assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in outs[0]
-    _run_all([h.train_cmd(one, flags)], devices=8)
+    h.run_together([h.train_cmd(one, flags)], devices=8)
     a, b = h.final_params(two), h.final_params(one)
     assert set(a) == set(b) and a["layers.0.attn.k_proj"].shape == (32, 2, 8)
     for name in b:
@@ -94,7 +77,7 @@ def large_sources(tmp_path_factory):
 def test_placing_a_model_grows_each_process_by_about_its_share(large_sources, kind):
     port = h.free_port()
     script = os.path.join(h.REPO, "tests", "_restore_memory.py")
-    outs = _run_all([[sys.executable, script, large_sources[kind], str(port), str(i)]
+    outs = h.run_together([[sys.executable, script, large_sources[kind], str(port), str(i)]
                      for i in range(2)], devices=4)
     for out in outs:
         r = json.loads(out.strip().splitlines()[-1])

@@ -3,7 +3,6 @@ joined by jax.distributed on localhost."""
 
 from __future__ import annotations
 
-import subprocess
 
 import numpy as np
 import pytest
@@ -90,21 +89,10 @@ def test_eight_devices_mesh_2x2x2_match_one_device(one_device, tmp_path):
 def test_two_processes_jax_distributed_match_one_device(one_device, tmp_path):
     workdir = str(tmp_path)
     port = h.free_port()
-    procs = [subprocess.Popen(
+    outputs = h.run_together([
         h.train_cmd(workdir, h.cli_flags(**OVERRIDES),
                     [f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                     f"--process_id={i}", "--distributed_timeout=60"]),
-        cwd=h.REPO, env=h.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=240))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in outputs[0][0]
+                     f"--process_id={i}", "--distributed_timeout=60"]) for i in range(2)],
+        timeout=240)
+    assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in outputs[0]
     _assert_same_run(workdir, one_device)
