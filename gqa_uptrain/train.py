@@ -51,7 +51,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gqa_uptrain import (checkpoints, config_keys, data, evaluate, layer_stack, loading, losses,
-                         precision, sharded_init, sharding)
+                         precision, run_checkpoints, sharded_init, sharding)
 from gqa_uptrain import train_step as train_step_lib
 from gqa_uptrain.metrics_log import MetricsLog
 from gqa_uptrain.model import ModelConfig
@@ -289,12 +289,13 @@ def _load_data(spec: data.DataSpec, tokenizer, workdir: str, resumed: bool, need
 # ----------------------------------------------------------------------------- the loop
 
 
-def _check_finite(step: int, step_metrics: dict[str, jax.Array], workdir: str
-                  ) -> dict[str, float]:
+def _check_finite(step: int, step_metrics: dict[str, jax.Array], workdir: str,
+                  manager: run_checkpoints.RunCheckpoints) -> dict[str, float]:
     """Fetches a step's metrics (blocking); raises FloatingPointError naming the step when the
     loss, the gradient or the updated params are not finite."""
     values = {k: float(v) for k, v in step_metrics.items()}
     if not all(math.isfinite(v) for v in values.values()):
+        manager.wait()  # an earlier step's save still in flight is the last good checkpoint
         latest = checkpoints.latest_checkpoint(workdir)
         raise FloatingPointError(
             f"training diverged at step {step} (the update on batch {step - 1}): "
@@ -450,10 +451,13 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
         tok_file = (None if tok == "byte" else os.path.join(tok, checkpoints.TOKENIZER_FILE)
                     if os.path.isdir(tok) else tok)
         disk_params, disk_opt_state = setup.to_disk(params, opt_state)
-        checkpoints.save_step(workdir, disk_params, meta, disk_opt_state,
-                              keep=config.keep_checkpoints,
-                              tokenizer_file=tok_file)
+        # Async: returns once the arrays are copied; committed in the background (wait()).
+        manager.save(step, disk_params, meta, disk_opt_state, tokenizer_file=tok_file)
 
+    # Every process has read `latest` (and the restore is done): what killed saves left goes now.
+    run_checkpoints.clear_incomplete(workdir)
+    manager = run_checkpoints.RunCheckpoints(workdir, keep=config.keep_checkpoints,
+                                             every=config.checkpoint_every)
     metrics = MetricsLog(workdir, start_step, resumed=latest is not None)
     bar = tqdm(total=num_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (config.progress_bar and is_main()))
@@ -467,9 +471,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
             pending = None  # (step, metrics arrays) not yet checked for NaN: checked one step late
             last_log = (start_step, time.perf_counter())
             for step in range(start_step, num_steps):
-                if step == start_step:
-                    stop.sync()
-                if step == start_step and stop.received:  # during set-up or the first eval
+                if step == start_step and stop.stop_after(step):  # set-up or the first eval
                     log(f"{stop.received}: stopped before step {step + 1} of {num_steps}; no "
                          "step was taken, nothing to save")
                     final = {"stopped_by": stop.received, "step": step}
@@ -479,22 +481,23 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
                                                              *teacher_args)
                 s = step + 1
                 if pending is not None:  # the previous step's, while this one runs
-                    _check_finite(*pending, workdir)
+                    _check_finite(*pending, workdir, manager)
                 pending = (s, step_metrics)
-                stop.sync()
                 # Read once: a signal arriving later in this iteration is handled after the next
                 # step (it must not print "saved" for a step whose save was not scheduled).
-                stopping = stop.received
+                # Several processes: jax's preemption sync point, the same step on every one.
+                stopping = stop.stop_after(s)
                 is_last = s == num_steps
                 do_log = s % config.log_every == 0 or is_last
                 periodic_eval = config.eval_every > 0 and s % config.eval_every == 0
                 final_eval = is_last and config.final_eval_batches != 0
                 do_eval = periodic_eval or final_eval
-                do_save = (is_last or stopping is not None or
-                           (config.checkpoint_every > 0 and s % config.checkpoint_every == 0))
+                # The cadence (orbax's policies: a function of s, so every host agrees) is asked
+                # at every step, like the preemption sync point it also reads.
+                do_save = manager.should_save(s) or is_last or stopping is not None
                 record: dict[str, Any] = {}
                 if do_log or do_eval or do_save:
-                    values = _check_finite(s, step_metrics, workdir)
+                    values = _check_finite(s, step_metrics, workdir, manager)
                     pending = None
                 if do_log:
                     now = time.perf_counter()
@@ -521,6 +524,8 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
                 bar.update(1)
                 if do_save:
                     save(s)
+                    if is_last or stopping:  # committed before the run says so, or exits
+                        manager.wait()
                     metrics.flush()
                 if do_log or do_eval or do_save:
                     last_log = (s, time.perf_counter())  # tokens/s counts training time only
@@ -538,6 +543,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopSignals) -> dict[str, An
                 if start_step >= num_steps:
                     log(f"{workdir} is already complete ({num_steps} steps)")
     finally:
+        manager.close()  # waits for a save in flight: committed, or (on an error) still whole
         bar.close()
         metrics.close()
     if "val/unigram_entropy" in final:
